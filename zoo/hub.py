@@ -1,0 +1,271 @@
+"""Published weights: a cache folder, a hash-checked download, and `weights="auto"` resolution.
+
+Cache: `$ISA_HOME` (default `~/.cache/isa-triton`) holds `<variant>.safetensors`, one per variant.
+`download` streams MMSeg's `.pth` to a temp file in the cache, checks the sha256 prefix in its file
+name (`...-981bd763.pth`), converts it to `<variant>.safetensors` (atomic) and deletes the `.pth`:
+the .safetensors records the source's full sha256, and keeping both would double the cache
+(150-230 MB a variant). `keep_pth=True` keeps it as `<cache>/<original file name>`.
+
+Offline: copy the original `.pth` to `<cache>/<original file name>`; it is hash-checked and
+converted on first use without any network access. `$ISA_HUB_URL` replaces the URL base
+`https://download.openmmlab.com/mmsegmentation/v0.5/isanet` (a mirror with the same
+`<variant>/<file>` layout).
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import http.client
+import logging
+import os
+import socket
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Optional, Union
+
+from tqdm import tqdm
+
+from .registry import get_config, list_models
+from .weights import _PUBLISH_HASH, convert_checkpoint, sha256_file
+
+log = logging.getLogger(__name__)
+
+ENV_HOME = "ISA_HOME"
+ENV_HUB_URL = "ISA_HUB_URL"
+DEFAULT_CACHE_DIR = "~/.cache/isa-triton"
+DEFAULT_HUB_URL = "https://download.openmmlab.com/mmsegmentation/v0.5/isanet"
+_CHUNK = 1 << 20
+_TIMEOUT_S = 60
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class DownloadError(RuntimeError):
+    """A download that failed (offline, HTTP error, interrupted, wrong hash); says what to do instead."""
+
+
+def get_cache_dir(cache_dir: Optional[PathLike] = None) -> Path:
+    """The weights cache: `cache_dir`, else `$ISA_HOME`, else `~/.cache/isa-triton` (not created).
+
+    Example:
+        >>> get_cache_dir()
+        PosixPath('/home/me/.cache/isa-triton')
+    """
+    if cache_dir is None:
+        cache_dir = os.environ.get(ENV_HOME) or DEFAULT_CACHE_DIR
+    return Path(cache_dir).expanduser()
+
+
+def checkpoint_url(name: str) -> str:
+    """The variant's `.pth` URL: MMSeg's, or under `$ISA_HUB_URL` when set.
+
+    Example:
+        >>> checkpoint_url("isanet_r50-d8_512x1024_40k_cityscapes").rsplit("-", 1)[-1]
+        '981bd763.pth'
+    """
+    url = get_config(name).checkpoint_url
+    base = os.environ.get(ENV_HUB_URL)
+    if not base:
+        return url
+    file_name = url.rsplit("/", 1)[-1]
+    return f"{base.rstrip('/')}/{name}/{file_name}"
+
+
+def _file_name(url: str) -> str:
+    name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
+    if not name:
+        raise ValueError(f"URL {url} does not end in a file name")
+    return name
+
+
+def cached_weights(name: str, *, cache_dir: Optional[PathLike] = None) -> Optional[Path]:
+    """`<cache>/<name>.safetensors` if it is there (files are written atomically), else None.
+
+    Example:
+        >>> cached_weights("isanet_r50-d8_512x1024_40k_cityscapes") is None  # before `isa download`
+        True
+    """
+    get_config(name)  # a typo raises KeyError with close matches instead of "not cached"
+    path = get_cache_dir(cache_dir) / f"{name}.safetensors"
+    return path if path.is_file() else None
+
+
+def _check_hash(sha256: str, expected_prefix: Optional[str], source: str, placed: bool = False) -> None:
+    if expected_prefix and not sha256.startswith(expected_prefix):
+        fix = ("delete or replace it" if placed
+               else "the download is corrupt or the server sent another file; it was deleted, nothing "
+                    "was cached; try again")
+        raise DownloadError(f"{source}: {'file' if placed else 'downloaded file'} has sha256 "
+                            f"{sha256[:8]}..., its name says {expected_prefix}: {fix}")
+
+
+def _offline_message(name: str, url: str, reason: str, cache: Path, offline: bool = True) -> str:
+    where = "Offline? Download that URL elsewhere" if offline else "Download it elsewhere"
+    return (f"cannot download the weights of {name} from {url} ({reason}). {where} and copy the file "
+            f"to {cache / _file_name(url)} (it is hash-checked and converted on first use), or pass "
+            "weights='/path/to/the.pth'")
+
+
+def _stream(url: str, out, progress: bool, label: str) -> str:
+    """Copy `url` into the open file `out`, returning the sha256; short reads raise DownloadError."""
+    request = urllib.request.Request(url, headers={"User-Agent": "isa-triton"})
+    digest = hashlib.sha256()
+    received = 0
+    with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
+                  disable=not progress, file=sys.stderr) as bar:
+            while chunk := response.read(_CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    # http.client returns EOF, not an error, when the server closes early: compare with the header
+    if total is not None and received != total:
+        raise DownloadError(f"{url}: download interrupted after {received} of {total} bytes; "
+                            "nothing was cached; try again")
+    return digest.hexdigest()
+
+
+def download(name: str, *, cache_dir: Optional[PathLike] = None, progress: bool = True,
+             url: Optional[str] = None, force: bool = False, keep_pth: bool = False) -> Path:
+    """Fetch variant `name`'s published checkpoint into the cache as `<name>.safetensors`.
+
+    Reuses the cached file (no request) unless `force`. A `.pth` already placed at
+    `<cache>/<original file name>` is used without network. The sha256 prefix in the file name is
+    checked; nothing partial is ever left in the cache. `url` overrides the variant's URL.
+
+    Example:
+        >>> download("isanet_r50-d8_512x1024_40k_cityscapes")
+        PosixPath('/home/me/.cache/isa-triton/isanet_r50-d8_512x1024_40k_cityscapes.safetensors')
+    """
+    config = get_config(name)
+    cache = get_cache_dir(cache_dir)
+    dst = cache / f"{name}.safetensors"
+    if dst.is_file() and not force:
+        return dst
+    url = url or checkpoint_url(name)
+    file_name = _file_name(url)
+    match = _PUBLISH_HASH.search(file_name)
+    expected_prefix = match.group(1) if match else None
+    if expected_prefix is None:
+        if file_name == _file_name(config.checkpoint_url):
+            expected_prefix = config.checkpoint_sha256_prefix
+        else:
+            log.warning("%s: no sha256 prefix in the file name; the download cannot be checked", url)
+    cache.mkdir(parents=True, exist_ok=True)
+
+    placed = cache / file_name
+    if placed.is_file():  # the offline escape hatch: a user copied the .pth here
+        _check_hash(sha256_file(placed), expected_prefix, str(placed), placed=True)
+        log.info("using %s placed in the cache", placed)
+        return convert_checkpoint(placed, dst, name)
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".part", dir=cache)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            with os.fdopen(fd, "wb") as out:
+                sha256 = _stream(url, out, progress, file_name)
+                out.flush()
+                os.fsync(out.fileno())
+        except urllib.error.HTTPError as exc:
+            raise DownloadError(_offline_message(name, url, f"HTTP {exc.code} {exc.reason}", cache,
+                                                offline=False)) from exc
+        except urllib.error.URLError as exc:
+            raise DownloadError(_offline_message(name, url, str(exc.reason), cache)) from exc
+        except (http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError) as exc:
+            raise DownloadError(f"{url}: download interrupted ({type(exc).__name__}: {exc}); nothing "
+                                "was cached; try again") from exc
+        _check_hash(sha256, expected_prefix, url)
+        if keep_pth:
+            os.replace(tmp, placed)
+            return convert_checkpoint(placed, dst, name)
+        return convert_checkpoint(tmp, dst, name)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def resolve_weights(name: str, weights: Union[None, str, PathLike], *,
+                    cache_dir: Optional[PathLike] = None, progress: bool = True) -> Optional[Path]:
+    """The weights file for `create_model(name, weights=...)`: explicit file > cache > download.
+
+    `weights` is None (random init: returns None), "auto" (cached or downloaded published weights)
+    or a path to a .safetensors/.pth file, which must exist.
+
+    Example:
+        >>> resolve_weights("isanet_r50-d8_512x1024_40k_cityscapes", "auto").suffix
+        '.safetensors'
+    """
+    if weights is None:
+        return None
+    if isinstance(weights, str) and weights == "auto":
+        return cached_weights(name, cache_dir=cache_dir) or download(
+            name, cache_dir=cache_dir, progress=progress)
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "weights file not found (use weights='auto' for the "
+                                "published checkpoint)", str(path))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def _download_main(args: argparse.Namespace) -> int:
+    names = list_models() if args.all else []
+    try:
+        for pattern in args.names:
+            matched = list_models(pattern)
+            if not matched:
+                get_config(pattern)  # raises KeyError with close matches
+            names += [n for n in matched if n not in names]
+        if not names:
+            print("isa download: error: name a variant (patterns allowed) or pass --all", file=sys.stderr)
+            return 2
+        if args.url and len(names) != 1:
+            print("isa download: error: --url needs exactly one variant", file=sys.stderr)
+            return 2
+        for name in names:
+            path = download(name, cache_dir=args.cache_dir, progress=not args.no_progress,
+                            url=args.url, force=args.force, keep_pth=args.keep_pth)
+            print(path)
+    except KeyError as exc:
+        print(f"isa download: error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    except (DownloadError, ValueError, OSError) as exc:  # CheckpointError is a ValueError
+        print(f"isa download: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_download_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    """Add `isa download NAME... [--all]` to an argparse subparsers object.
+
+    Example:
+        >>> parser = argparse.ArgumentParser(prog="isa"); sub = parser.add_subparsers()
+        >>> add_download_parser(sub)  # then: args = parser.parse_args(); sys.exit(args.func(args))
+    """
+    parser = subparsers.add_parser(
+        "download", help="download published weights into the cache",
+        description=f"Download MMSegmentation's ISANet checkpoints, check their sha256 prefix and store "
+                    f"them as <cache>/<variant>.safetensors. Cache: --cache-dir, ${ENV_HOME} or "
+                    f"{DEFAULT_CACHE_DIR}. Offline: copy the .pth into the cache under its original "
+                    "name; it is checked and converted on first use.")
+    parser.add_argument("names", nargs="*", help="variant names or fnmatch patterns ('isanet_r50*')")
+    parser.add_argument("--all", action="store_true", help="all 16 variants")
+    parser.add_argument("--cache-dir", default=None, help=f"cache folder (default ${ENV_HOME} or {DEFAULT_CACHE_DIR})")
+    parser.add_argument("--url", default=None, help="download from this URL instead (one variant)")
+    parser.add_argument("--force", action="store_true", help="download again even if cached")
+    parser.add_argument("--keep-pth", action="store_true", help="keep the original .pth in the cache")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_download_main)
+    return parser

@@ -27,7 +27,7 @@ def _info(args: argparse.Namespace) -> int:
             ("batch", f"{cfg.total_batch_size} ({cfg.gpus} GPUs x {cfg.samples_per_gpu})"),
             ("test", cfg.test_mode + (f" crop {cfg.test_crop_size_hw} stride {cfg.test_stride_hw}"
                                       if cfg.test_mode == "slide" else "")),
-            ("align_corners", cfg.align_corners), ("mIoU", f"{cfg.mIoU} (ms+flip {cfg.mIoU_ms_flip})"),
+            ("align_corners", cfg.align_corners), ("mIoU", f"{cfg.mIoU:.2f} (ms+flip {cfg.mIoU_ms_flip:.2f})"),
             ("checkpoint", cfg.checkpoint_url)]
     for key, value in rows:
         print(f"{key:>14}  {value}")

@@ -1,0 +1,140 @@
+"""Iteration-based data stream: DistributedSampler epochs, per-sample seeds, exact data position.
+
+The stream of a run is a pure function of (seed, world size, per-GPU batch, iteration):
+
+- each epoch is `DistributedSampler(shuffle=True, seed=seed).set_epoch(e)`'s index list for the rank;
+- rank r takes its next `batch_size` indices from that list, running on into the next epoch when one
+  ends (IterBasedRunner's endless loader);
+- sample k of the rank's epoch list sits at position `r + k * world_size` of the epoch's global
+  order, and its augmentation is seeded with `sample_seed(seed, epoch, position)`, so two ranks with
+  batch B draw exactly the samples and augmentations one process with batch 2B draws.
+
+Resuming at iteration t needs nothing but t: the sampler skips `t * batch_size` of the rank's items.
+
+Example:
+    >>> s = IterationBatchSampler(num_samples=5, batch_size=2, seed=0)
+    >>> it = iter(s); [index for index, _ in next(it)] + [index for index, _ in next(it)]
+    [4, 0, 1, 3]
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+IGNORE_INDEX = 255
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """A 63-bit seed for the augmentation of the sample at `position` of `epoch`'s global order."""
+    h = _splitmix64(seed & _MASK64)
+    h = _splitmix64(h ^ (epoch & _MASK64))
+    h = _splitmix64(h ^ (position & _MASK64))
+    return h >> 1
+
+
+class _Range(Dataset):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class IterationBatchSampler(Sampler):
+    """Endless batches of `(dataset_index, sample_seed)` for one rank, starting at `start_iteration`."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, world_size: int = 1,
+                 rank: int = 0, start_iteration: int = 0, shuffle: bool = True):
+        if num_samples <= 0:
+            raise ValueError("the training set is empty")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.world_size = world_size
+        self.rank = rank
+        self.start_iteration = start_iteration
+        self.sampler = DistributedSampler(_Range(num_samples), num_replicas=world_size, rank=rank,
+                                          shuffle=shuffle, seed=seed, drop_last=False)
+        self.per_epoch = len(self.sampler)
+
+    def position(self, iteration: int) -> Tuple[int, int]:
+        """(epoch, offset into this rank's epoch list) before 0-based `iteration` runs."""
+        return divmod(iteration * self.batch_size, self.per_epoch)
+
+    def _epoch(self, epoch: int) -> List[int]:
+        self.sampler.set_epoch(epoch)
+        return list(self.sampler)
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        epoch, offset = self.position(self.start_iteration)
+        indices = self._epoch(epoch)
+        batch: List[Tuple[int, int]] = []
+        while True:
+            if offset == len(indices):
+                epoch, offset = epoch + 1, 0
+                indices = self._epoch(epoch)
+            global_position = self.rank + offset * self.world_size
+            batch.append((indices[offset], sample_seed(self.seed, epoch, global_position)))
+            offset += 1
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+
+
+class TrainSet(Dataset):
+    """Wraps an `eval.datasets` reader: `[(index, seed)] -> (image float (3,H,W), label int64 (H,W))`.
+
+    The transform runs under `torch.random.fork_rng` seeded with the sample's seed, so it neither
+    reads nor disturbs the caller's RNG. A reader whose ignore_index is not 255 is remapped to 255,
+    the value the loss and the pad use.
+    """
+
+    def __init__(self, base: Any, transforms: Any):
+        self.base = base
+        self.transforms = transforms
+        self.ignore_index = int(getattr(base, "ignore_index", IGNORE_INDEX))
+        num_classes = int(getattr(base, "num_classes", 0))
+        if num_classes > IGNORE_INDEX:
+            raise ValueError(f"{num_classes} classes collide with the ignore label 255 used in training")
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        index, seed = key
+        image, mask, _meta = self.base[index]
+        if self.ignore_index != IGNORE_INDEX:
+            mask = mask.masked_fill(mask == self.ignore_index, IGNORE_INDEX)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            image, mask = self.transforms(image, mask)
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).to(torch.int64)
+
+
+def collate(batch: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stack (image, label) pairs; every crop is padded to the crop size so shapes agree."""
+    images, labels = zip(*batch)
+    shapes = {tuple(x.shape) for x in images}
+    if len(shapes) != 1:
+        raise ValueError(f"train crops differ in shape {sorted(shapes)}: the pipeline must end with PadToSize")
+    return torch.stack(images), torch.stack(labels)
+
+
+def build_loader(train_set: TrainSet, batch_sampler: IterationBatchSampler, num_workers: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
+    """DataLoader over the endless batch sampler; its own generator keeps the global RNG untouched."""
+    return DataLoader(train_set, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=pin_memory, generator=torch.Generator(),
+                      persistent_workers=False, prefetch_factor=2 if num_workers > 0 else None)

@@ -80,8 +80,11 @@ def _device(name: str) -> torch.device:
 def _load_model(args: argparse.Namespace, num_classes: int | None, device: torch.device) -> torch.nn.Module:
     from zoo import create_model  # the zoo CLI imports us: import it late
 
+    from zoo.fuse import optimize_for_inference
+
     weights = None if str(args.weights).lower() == "none" else args.weights
-    return create_model(args.model, weights=weights, num_classes=num_classes, backend=args.backend).to(device).eval()
+    model = create_model(args.model, weights=weights, num_classes=num_classes, backend=args.backend)
+    return optimize_for_inference(model.to(device))
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -111,7 +111,7 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCo
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def segment_probs(model: torch.nn.Module, image: torch.Tensor, settings: TestSettings | None = None, *,
                   aug_test: bool = False, dtype: str | torch.dtype | None = None,
                   device: str | torch.device | None = None) -> torch.Tensor:

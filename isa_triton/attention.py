@@ -8,7 +8,10 @@ relations straight on (N, C, H, W) feature maps:
 - ``pattern="short"``: every pixel attends to all pixels of its own block (group length bh*bw).
 
 The eager path reproduces MMSegmentation's ISAHead permutes (spec §1.3, steps 3-5) and is the
-reference every other backend is tested against.
+reference every other backend is tested against. Backends: "triton" (fused kernels reading the
+maps through their strides, `isa_triton.kernels`), "eager", "sdpa" (permute +
+`F.scaled_dot_product_attention`) and "auto" (Triton on a CUDA GPU of compute capability 8.0+,
+SDPA on other GPUs, eager on the CPU; $ISA_BACKEND overrides it).
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str
         raise ValueError(f"v must share N, H, W with q: q {tuple(q.shape)}, v {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     bh, bw = block_size
     if bh <= 0 or bw <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
@@ -101,15 +106,27 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: s
     return from_groups(out, pattern, block_size, n, h, w)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Pick the concrete backend for `backend` ('auto' honours $ISA_BACKEND)."""
+def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """Pick the concrete backend for `backend` ('auto' honours $ISA_BACKEND).
+
+    'auto' is the fused Triton kernels on a CUDA GPU they run on (compute capability 8.0+, an fp32,
+    fp16 or bf16 input); otherwise SDPA on CUDA and the eager path elsewhere (on the CPU eager was
+    as fast as or faster than SDPA at ISA's sizes). Setting TRITON_INTERPRET=1 does not change
+    'auto': the interpreter is only for testing the kernels with backend='triton'.
+    """
     if backend == "auto":
         backend = os.environ.get("ISA_BACKEND", "auto") or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r} (check $ISA_BACKEND)")
     if backend != "auto":
         return backend
-    return "sdpa" if device.type == "cuda" else "eager"
+    if device.type == "cuda":
+        from . import kernels
+
+        if kernels.cuda_supported(device) and (dtype is None or dtype in kernels.SUPPORTED_DTYPES):
+            return "triton"
+        return "sdpa"
+    return "eager"
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str,
@@ -126,7 +143,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     check_inputs(q, k, v, pattern, block)
     if scale is None:
         scale = q.shape[1] ** -0.5
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, q.dtype)
+    if name == "triton":
+        from .kernels import triton_attention
+
+        return triton_attention(q, k, v, pattern, block, scale)
     if name == "sdpa":
         return sdpa_attention(q, k, v, pattern, block, scale)
     return eager_attention(q, k, v, pattern, block, scale)

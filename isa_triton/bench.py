@@ -1,0 +1,377 @@
+"""`isa bench kernels`: time ISA's attention op per backend on a CUDA GPU.
+
+For each ISA geometry (Cityscapes whole image 128x256 feature, 512x1024 crop 64x128, the 769 crop
+104x104 after padding, an ADE20K image 64x88), each pattern (long, short), batch 1 and 8, and input
+layout (NCHW, channels_last), with Cqk = 256 and Cv = 512: forward and forward+backward time of
+every backend (triton, eager, sdpa, and FlexAttention compiled on the permuted layout where it
+works), TFLOP/s, GB/s against the floor of reading q, k, v and writing the output once, and peak
+memory. Times are `triton.testing.do_bench` medians.
+
+Formulas (per call; G groups of L tokens per image, N images, e = bytes per element):
+- forward FLOPs = 2 N G L^2 (Cqk + Cv) (two matrix products);
+  forward+backward FLOPs = 3x that (backward = dV, dP, dQ, dK; the recomputed Q K^T is not counted).
+- forward bytes floor = e N H W (2 Cqk + 2 Cv) (read q, k, v, write out);
+  forward+backward floor = forward floor + e N H W (4 Cqk + 4 Cv) (read q, k, v, out, dout; write dq, dk, dv).
+- peak memory = the largest `torch.cuda.max_memory_allocated()` above what was allocated before the call.
+
+Example:
+    isa bench kernels --dtype bfloat16 --json bench_kernels.json
+    python -m isa_triton.bench kernels --cases cityscapes_whole --batch 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .attention import eager_attention, from_groups, sdpa_attention, to_groups
+
+CASES: Dict[str, tuple] = {
+    "cityscapes_whole": (128, 256),  # 1024x2048 image, 1/8 feature
+    "cityscapes_crop": (64, 128),  # 512x1024 crop
+    "cityscapes_769": (104, 104),  # 769x769 crop: 97x97 padded to 104x104
+    "ade20k": (64, 88),  # 512x683 image: 64x86 padded to 64x88
+}
+PATTERNS = ("long", "short")
+BACKENDS = ("triton", "eager", "sdpa", "flex")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BLOCK = (8, 8)
+
+
+def group_shape(h: int, w: int, pattern: str, block=BLOCK):
+    """(groups per image, tokens per group)."""
+    gh, gw = h // block[0], w // block[1]
+    return (block[0] * block[1], gh * gw) if pattern == "long" else (gh * gw, block[0] * block[1])
+
+
+def flops(n: int, h: int, w: int, pattern: str, cqk: int, cv: int, backward: bool) -> float:
+    groups, tokens = group_shape(h, w, pattern)
+    fwd = 2.0 * n * groups * tokens ** 2 * (cqk + cv)
+    return 3 * fwd if backward else fwd
+
+
+def floor_bytes(n: int, h: int, w: int, cqk: int, cv: int, elsize: int, backward: bool) -> float:
+    fwd = elsize * n * h * w * (2 * cqk + 2 * cv)
+    return fwd + elsize * n * h * w * (4 * cqk + 4 * cv) if backward else fwd
+
+
+def make_inputs(n: int, cqk: int, cv: int, h: int, w: int, dtype: torch.dtype, layout: str,
+                device: str = "cuda", seed: int = 0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    q = torch.randn(n, cqk, h, w, device=device, dtype=dtype, generator=gen).contiguous(memory_format=mf)
+    k = torch.randn(n, cqk, h, w, device=device, dtype=dtype, generator=gen).contiguous(memory_format=mf)
+    v = torch.randn(n, cv, h, w, device=device, dtype=dtype, generator=gen).contiguous(memory_format=mf)
+    return q, k, v
+
+
+_FLEX_CACHE: Dict[str, Callable] = {}
+
+
+def flex_attention_fn(pattern: str, scale: float) -> Callable:
+    """FlexAttention (compiled) on the permuted (groups, 1, tokens, C) layout."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if "fn" not in _FLEX_CACHE:
+        _FLEX_CACHE["fn"] = torch.compile(flex_attention, dynamic=False)
+    flex = _FLEX_CACHE["fn"]
+
+    def run(q, k, v):
+        n, _, h, w = q.shape
+        qg, kg, vg = (to_groups(t, pattern, BLOCK).unsqueeze(1) for t in (q, k, v))
+        out = flex(qg, kg, vg, scale=scale)
+        return from_groups(out.squeeze(1), pattern, BLOCK, n, h, w)
+
+    return run
+
+
+def backend_fn(name: str, pattern: str, scale: float) -> Callable:
+    if name == "triton":
+        from .kernels import triton_attention
+
+        return lambda q, k, v: triton_attention(q, k, v, pattern, BLOCK, scale)
+    if name == "eager":
+        return lambda q, k, v: eager_attention(q, k, v, pattern, BLOCK, scale)
+    if name == "sdpa":
+        return lambda q, k, v: sdpa_attention(q, k, v, pattern, BLOCK, scale)
+    if name == "flex":
+        return flex_attention_fn(pattern, scale)
+    raise ValueError(name)
+
+
+def peak_bytes(call: Callable[[], object]) -> int:
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = call()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del result
+    return int(peak)
+
+
+def time_ms(call: Callable[[], object], grad_to_none: Optional[Sequence[torch.Tensor]] = None,
+            warmup: int = 10, rep: int = 40) -> float:
+    if not torch.cuda.is_available():  # CPU smoke runs: median of a few wall-clock calls
+        times = []
+        for _ in range(3):
+            for t in grad_to_none or ():
+                t.grad = None
+            start = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[1]
+    import triton.testing
+
+    return float(triton.testing.do_bench(call, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
+                                         return_mode="median"))
+
+
+def measure(fn: Callable, q, k, v, backward: bool, warmup: int, rep: int) -> Dict[str, float]:
+    """Median time (ms) and peak memory (bytes) of fn's forward, or forward+backward."""
+    if not backward:
+        def call():
+            with torch.no_grad():
+                return fn(q, k, v)
+
+        call()  # compile / autotune outside the timing
+        return {"ms": time_ms(call, warmup=warmup, rep=rep), "peak_bytes": peak_bytes(call)}
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(v)
+
+    def call():
+        out = fn(*leaves)
+        out.backward(grad)
+        return None
+
+    call()
+    ms = time_ms(call, grad_to_none=leaves, warmup=warmup, rep=rep)
+    for t in leaves:
+        t.grad = None
+    return {"ms": ms, "peak_bytes": peak_bytes(call)}
+
+
+def run_benchmark(dtype: torch.dtype = torch.bfloat16, cases: Sequence[str] = tuple(CASES),
+                  patterns: Sequence[str] = PATTERNS, batches: Sequence[int] = (1, 8),
+                  layouts: Sequence[str] = ("nchw", "channels_last"), backends: Sequence[str] = BACKENDS,
+                  backward: bool = True, cqk: int = 256, cv: int = 512, flex_cases: Optional[Sequence[str]] = None,
+                  warmup: int = 10, rep: int = 40, deadline: Optional[float] = None,
+                  log: Callable[[str], None] = print, device: str = "cuda") -> List[Dict]:
+    """Rows of the table (one per case x pattern x batch x layout x backend)."""
+    scale = cqk ** -0.5
+    elsize = torch.empty((), dtype=dtype).element_size()
+    rows: List[Dict] = []
+    for case in cases:
+        h, w = CASES[case]
+        for pattern in patterns:
+            groups, tokens = group_shape(h, w, pattern)
+            for n in batches:
+                for layout in layouts:
+                    q, k, v = make_inputs(n, cqk, cv, h, w, dtype, layout, device)
+                    eager_ms = {}
+                    for name in backends:
+                        row = dict(case=case, h=h, w=w, pattern=pattern, groups=groups, tokens=tokens, batch=n,
+                                   layout=layout, backend=name, dtype=str(dtype).replace("torch.", ""),
+                                   cqk=cqk, cv=cv)
+                        if name == "flex" and flex_cases is not None and (case, pattern, n) not in flex_cases:
+                            continue
+                        if deadline is not None and time.monotonic() > deadline:
+                            row["error"] = "skipped: time budget spent"
+                            rows.append(row)
+                            continue
+                        passes = (False, True) if backward else (False,)
+                        try:
+                            fn = backend_fn(name, pattern, scale)
+                            for bwd in passes:
+                                key = "fwdbwd" if bwd else "fwd"
+                                m = measure(fn, q, k, v, bwd, warmup, rep)
+                                sec = m["ms"] * 1e-3
+                                row[f"{key}_ms"] = m["ms"]
+                                row[f"{key}_tflops"] = flops(n, h, w, pattern, cqk, cv, bwd) / sec / 1e12
+                                row[f"{key}_gbps"] = floor_bytes(n, h, w, cqk, cv, elsize, bwd) / sec / 1e9
+                                row[f"{key}_floor_bytes"] = floor_bytes(n, h, w, cqk, cv, elsize, bwd)
+                                row[f"{key}_peak_mb"] = m["peak_bytes"] / 2**20
+                                if name == "eager":
+                                    eager_ms[key] = m["ms"]
+                        except Exception as exc:  # a backend that cannot run this case is reported, not fatal
+                            row["error"] = _short(exc)
+                            if device == "cuda":
+                                torch.cuda.empty_cache()
+                        for key in ("fwd", "fwdbwd"):
+                            if key in eager_ms and f"{key}_ms" in row:
+                                row[f"{key}_speedup_vs_eager"] = eager_ms[key] / row[f"{key}_ms"]
+                        rows.append(row)
+                        log(format_row(row))
+                    del q, k, v
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+    return rows
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160] if text else ''}"
+
+
+HEADER = (f"{'case':<17}{'pat':<6}{'N':>2} {'layout':<8}{'backend':<8}"
+          f"{'fwd ms':>9}{'TF/s':>7}{'GB/s':>7}{'MB':>8}{'x eag':>6}"
+          f"{'f+b ms':>9}{'TF/s':>7}{'GB/s':>7}{'MB':>8}{'x eag':>6}")
+
+
+def format_row(r: Dict) -> str:
+    def f(key, fmt):
+        val = r.get(key)
+        return format(val, fmt) if isinstance(val, (int, float)) and not math.isnan(val) else "-".rjust(
+            int(fmt.split(".")[0]) if fmt[0].isdigit() else 7)
+
+    s = (f"{r['case']:<17}{r['pattern']:<6}{r['batch']:>2} {('NCHW' if r['layout'] == 'nchw' else 'CL'):<8}"
+         f"{r['backend']:<8}{f('fwd_ms', '9.3f')}{f('fwd_tflops', '7.1f')}{f('fwd_gbps', '7.0f')}"
+         f"{f('fwd_peak_mb', '8.1f')}{f('fwd_speedup_vs_eager', '6.2f')}"
+         f"{f('fwdbwd_ms', '9.3f')}{f('fwdbwd_tflops', '7.1f')}{f('fwdbwd_gbps', '7.0f')}"
+         f"{f('fwdbwd_peak_mb', '8.1f')}{f('fwdbwd_speedup_vs_eager', '6.2f')}")
+    if r.get("error"):
+        s += f"  [{r['error']}]"
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# Optional config sweep of the Triton kernels (GPU only; the op itself never autotunes)
+# --------------------------------------------------------------------------------------------
+FWD_SWEEP = {
+    "contiguous": [
+        dict(kind="flash", BLOCK_M=128, BLOCK_N=64, BLOCK_DV=256, num_warps=8, num_stages=2),
+        dict(kind="flash", BLOCK_M=128, BLOCK_N=64, BLOCK_DV=128, num_warps=8, num_stages=3),
+        dict(kind="flash", BLOCK_M=128, BLOCK_N=32, BLOCK_DV=256, num_warps=8, num_stages=2),
+        dict(kind="flash", BLOCK_M=64, BLOCK_N=64, BLOCK_DV=512, num_warps=8, num_stages=2),
+        dict(kind="flash", BLOCK_M=64, BLOCK_N=32, BLOCK_DV=512, num_warps=8, num_stages=2),
+    ],
+    "gather": [
+        dict(kind="flash", BLOCK_M=128, BLOCK_N=32, BLOCK_DV=128, num_warps=8, num_stages=2),
+        dict(kind="flash", BLOCK_M=64, BLOCK_N=64, BLOCK_DV=128, num_warps=8, num_stages=2),
+        dict(kind="flash", BLOCK_M=64, BLOCK_N=32, BLOCK_DV=256, num_warps=8, num_stages=2),
+    ],
+}
+BWD_SWEEP = {
+    "contiguous": [
+        dict(kind="flash", BLOCK_M=64, BLOCK_N=64, BLOCK_DV=64, DV_BLOCK=256, DELTA_DV=128, num_warps=8,
+             num_stages=2),
+        dict(kind="flash", BLOCK_M=64, BLOCK_N=64, BLOCK_DV=64, DV_BLOCK=128, DELTA_DV=128, num_warps=8,
+             num_stages=2),
+        dict(kind="flash", BLOCK_M=32, BLOCK_N=64, BLOCK_DV=64, DV_BLOCK=256, DELTA_DV=128, num_warps=8,
+             num_stages=2),
+    ],
+    "gather": [
+        dict(kind="flash", BLOCK_M=32, BLOCK_N=32, BLOCK_DV=32, DV_BLOCK=128, DELTA_DV=32, num_warps=8,
+             num_stages=2),
+        dict(kind="flash", BLOCK_M=32, BLOCK_N=32, BLOCK_DV=32, DV_BLOCK=128, DELTA_DV=32, num_warps=8,
+             num_stages=1),
+    ],
+}
+
+
+def run_sweep(dtype: torch.dtype = torch.bfloat16, case: str = "cityscapes_whole", n: int = 1,
+              cqk: int = 256, cv: int = 512, warmup: int = 10, rep: int = 40, deadline: Optional[float] = None,
+              log: Callable[[str], None] = print, device: str = "cuda") -> List[Dict]:
+    """Time alternative launch configs of the long-range (flash) kernels; the first of each list is the default."""
+    from . import kernels
+
+    h, w = CASES[case]
+    scale = cqk ** -0.5
+    rows = []
+    for layout, kind in (("channels_last", "contiguous"), ("nchw", "gather")):
+        q, k, v = make_inputs(n, cqk, cv, h, w, dtype, layout, device)
+        out, lse = kernels._forward_impl(q, k, v, True, 8, 8, scale)
+        do = torch.randn_like(out)
+        for which, configs in (("fwd", FWD_SWEEP[kind]), ("bwd", BWD_SWEEP[kind])):
+            for cfg in configs:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                cfg = dict(cfg, BLOCK_DK=max(16, 1 << (cqk - 1).bit_length()))
+                row = dict(layout=layout, which=which, case=case, batch=n, config=dict(cfg))
+                try:
+                    if which == "fwd":
+                        call = lambda: kernels._forward_impl(q, k, v, True, 8, 8, scale, cfg)  # noqa: E731
+                    else:
+                        call = lambda: kernels._backward_impl(do, q, k, v, out, lse, True, 8, 8, scale, cfg)  # noqa
+                    call()
+                    row["ms"] = time_ms(call, warmup=warmup, rep=rep)
+                except Exception as exc:
+                    row["error"] = _short(exc)
+                rows.append(row)
+                shown = {k_: v_ for k_, v_ in cfg.items() if k_ != "kind"}
+                log(f"sweep {layout:<14}{which:<4}{row.get('ms', float('nan')):9.3f} ms  {shown}"
+                    + (f"  [{row['error']}]" if "error" in row else ""))
+        del q, k, v, out, lse, do
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("isa bench kernels needs a CUDA GPU (the Triton kernels and the timings are GPU-only)")
+        return 2
+    dtype = DTYPES[args.dtype]
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | dtype {args.dtype} | "
+          f"Cqk {args.cqk} Cv {args.cv} | do_bench median")
+    print(HEADER)
+    started = time.monotonic()
+    deadline = started + args.budget if args.budget else None
+    rows = run_benchmark(dtype, args.cases, args.patterns, args.batch, args.layouts, args.backends,
+                         not args.no_backward, args.cqk, args.cv, warmup=args.warmup, rep=args.rep,
+                         deadline=deadline)
+    sweep = run_sweep(dtype, cqk=args.cqk, cv=args.cv, deadline=deadline) if args.sweep else []
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, dtype=args.dtype,
+                  time=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=time.monotonic() - started, rows=rows,
+                  sweep=sweep)
+    try:
+        import triton
+
+        result["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        print(f"wrote {path}")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `isa bench kernels` on the `bench` command's subparsers."""
+    p = subparsers.add_parser("kernels", help="time the attention op per backend (CUDA)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    p.add_argument("--patterns", nargs="+", choices=PATTERNS, default=list(PATTERNS))
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--layouts", nargs="+", choices=("nchw", "channels_last"), default=["nchw", "channels_last"])
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    p.add_argument("--cqk", type=int, default=256)
+    p.add_argument("--cv", type=int, default=512)
+    p.add_argument("--no-backward", action="store_true", help="time the forward only")
+    p.add_argument("--sweep", action="store_true", help="also time alternative Triton launch configs")
+    p.add_argument("--warmup", type=int, default=10, help="do_bench warm-up (ms)")
+    p.add_argument("--rep", type=int, default=40, help="do_bench repetition time (ms)")
+    p.add_argument("--budget", type=float, default=0, help="skip what is left after this many seconds (0: none)")
+    p.set_defaults(func=run)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m isa_triton.bench")
+    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

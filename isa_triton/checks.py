@@ -1,0 +1,74 @@
+"""Accuracy and memory checks of the attention backends, shared by the GPU script and the tests.
+
+- `errors_vs_fp64`: forward and dq, dk, dv of a backend against an fp64 eager reference, with
+  the tolerance rule of flash-attention's tests: error <= 2 x eager's error in the same dtype + atol.
+- `saved_bytes`: bytes autograd keeps for the backward beyond the inputs and the output (via
+  `torch.autograd.graph.saved_tensors_hooks`): O(N G L) for the fused kernels, O(N G L^2) for eager.
+
+Example:
+    >>> q = k = torch.randn(1, 16, 8, 8); v = torch.randn(1, 16, 8, 8)
+    >>> r = errors_vs_fp64(q, k, v, "long", (4, 4), backend="eager")
+    >>> all(x["ok"] for x in r.values())
+    True
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .attention import eager_attention, sparse_attention
+
+# atol added to 2 x eager's max error (GPU; the CPU interpreter tests use their own)
+ATOL = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+
+
+def _forward_backward(fn: Callable, q, k, v, grad):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def errors_vs_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, block: Tuple[int, int],
+                   scale: Optional[float] = None, backend: str = "triton", grad: Optional[torch.Tensor] = None,
+                   atol: Optional[float] = None) -> Dict[str, Dict]:
+    """Max abs error of out, dq, dk, dv of `backend` and of eager (same dtype) against fp64 eager."""
+    scale = q.shape[1] ** -0.5 if scale is None else scale
+    if grad is None:
+        gen = torch.Generator(device=q.device).manual_seed(1234)
+        grad = torch.randn(v.shape, device=q.device, generator=gen).to(v.dtype)
+    atol = ATOL[q.dtype] if atol is None else atol
+
+    def eager(a, b, c):
+        return eager_attention(a, b, c, pattern, block, scale)
+
+    ref = _forward_backward(eager, q.double(), k.double(), v.double(), grad.double())
+    base = _forward_backward(eager, q, k, v, grad)
+    got = _forward_backward(lambda a, b, c: sparse_attention(a, b, c, pattern, block, scale, backend), q, k, v, grad)
+    result = {}
+    for name, g, e, r in zip(("out", "dq", "dk", "dv"), got, base, ref):
+        err = (g.double() - r).abs().max().item()
+        eager_err = (e.double() - r).abs().max().item()
+        bound = 2 * eager_err + atol
+        result[name] = dict(err=err, eager_err=eager_err, bound=bound, ok=bool(err <= bound),
+                            finite=bool(torch.isfinite(g).all().item()), ref_max=r.abs().max().item())
+        result[name]["ok"] = result[name]["ok"] and result[name]["finite"]
+    return result
+
+
+def saved_bytes(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """Bytes of the tensors `fn(q, k, v)` saves for backward, not counting q, k, v and the output."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    storages = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*leaves)
+    for t in (*leaves, out):
+        storages.pop(t.untyped_storage().data_ptr(), None)
+    return int(sum(storages.values()))

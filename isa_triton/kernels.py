@@ -1,0 +1,951 @@
+"""Fused Triton kernels for ISA's interlaced sparse self-attention (forward and backward).
+
+One op, `triton_attention(q, k, v, pattern, block_size, scale)`, computes
+
+    out[n, :, p] = sum_{p' in group(p)} softmax_{p'}(scale * q[n, :, p] . k[n, :, p']) v[n, :, p']
+
+straight on (N, C, H, W) maps of any strides (NCHW, channels_last, channel or spatial slices):
+every kernel derives the pixel address of a token from its group, its index and the tensor's four
+strides, so no permute/reshape copy is made and no (L x L) attention matrix is stored.
+
+- ``pattern="long"``: group = (n, lh, lw), tokens = the (H/bh)*(W/bw) pixels with offset (lh, lw)
+  inside their block (MMSegmentation's global relation).
+- ``pattern="short"``: group = (n, gh, gw), tokens = the bh*bw pixels of one block (local relation).
+
+Kernels (fp32 accumulation; fp32, fp16 and bf16 inputs):
+
+- short groups (L <= 128 tokens, e.g. 64 for 8x8 blocks): ``_fwd_tile_kernel`` / ``_bwd_tile_kernel``
+  hold one group's whole (L x L) score tile in registers, loop over Cqk and Cv in chunks and
+  batch ``GROUPS_PER_PROG`` groups per program; the backward computes dq, dk, dv of a group in one
+  program with no recomputation (delta_i = sum_j p_ij dp_ij).
+- long groups (L > 128, e.g. 512 for a 128x256 feature map): FlashAttention-2 style.
+  ``_fwd_flash_kernel`` tiles the keys with an online softmax (base-2) and splits Cv across
+  programs (BLOCK_DV columns each; an fp32 accumulator of 128 x 512 does not fit one program),
+  saving the row log-sum-exp; the backward recomputes P from it: ``_bwd_delta_kernel``
+  (rowsum dO*O), ``_bwd_dkdv_kernel`` (dk, and dv when Cv fits one chunk), ``_bwd_dv_kernel``
+  (dv per Cv chunk otherwise) and ``_bwd_dq_kernel``.
+
+Launch configurations are fixed per (kernel, dtype, group length, channel counts, layout) by
+`fwd_config`/`bwd_config` (no autotuning; `isa bench kernels --sweep` times alternatives on a GPU);
+`launch_plans` lists what the op launches so that tests/test_kernel_compile.py can compile each one
+for sm_90 on a machine without a GPU. Long-range groups of NCHW inputs ("gather" configs: the
+channel stride is not 1, so every element is its own load) get smaller tiles than channels_last
+ones, whose token rows are contiguous channel vectors. fp32 inputs use exact fp32 dot products
+(``input_precision="ieee"``, FMA units) unless ``torch.backends.cuda.matmul.allow_tf32`` is set,
+matching what eager PyTorch does.
+
+The op is a `torch.library.custom_op` (``isa_triton::attention_fwd`` / ``attention_bwd``) with a
+fake implementation and an autograd formula, so autograd and ``torch.compile(fullgraph=True)``
+work; nothing inside synchronises with the host. With ``TRITON_INTERPRET=1`` the same launches
+run in Triton's interpreter on CPU tensors (also when the variable is set after this import).
+
+What was tested, where:
+- CPU (2 cores), Triton 3.8 interpreter, torch 2.14: forward, dq, dk, dv against an fp64 eager
+  reference in fp32 and fp16, error <= 2 x eager's error in the same dtype + atol (1e-6 / 1e-4):
+  both patterns; 8x8, 4x8, 2x4, 1x2, 2x2, 1x1 and 16x16 blocks; group lengths 6 to 256 (tile and
+  flash paths, partial tiles); Cqk != Cv; several Cqk/Cv chunks and a Cv split over programs;
+  NCHW, channels_last, channel-sliced, transposed and column-strided inputs; batch 1-3; only the
+  fp32 LSE (N*H*W floats) saved for backward; torch.compile(fullgraph=True, backend="aot_eager")
+  of forward+backward; torch.library.opcheck (tests/test_kernels.py, about 35 s).
+- CPU: every fp16/bf16 launch configuration the op picks at the ISA shapes (Cqk 256 / Cv 512; and,
+  marked slow, 64/64 and 16/24), NCHW and channels_last, batch 1 and 8, compiled for sm_90a with
+  Triton 3.8 and its ptxas: shared memory <= 227 KB and no register spills
+  (tests/test_kernel_compile.py, about 75 s from an empty Triton cache).
+- GPU: scripts/gpu_kernels.py (bf16/fp16/fp32 correctness at the ISA shapes, saved-memory check,
+  torch.compile with inductor, benchmark, config sweep) and tests/test_kernels_gpu.py. Not yet
+  run on a GPU when this was written: BENCHMARKS.md records the card, date and figures once it is.
+
+Known limits:
+- Long-range groups of NCHW inputs are read through 2-byte gathers (a group's tokens are bw
+  pixels apart), so each 32-byte sector fetched from L2 serves 2-4 useful bytes: the long relation
+  moves about bw (8x) more bytes from L2 than with channels_last inputs and needs smaller tiles
+  (no spills). Run the ISA head channels_last for the fast long relation; short-range groups read
+  16-byte row segments and are fine either way.
+- fp32 is an exactness path, not a tuned one: its long-group kernels (FMA dot products over the
+  full Cqk = 256) spill registers on sm_90; the compile test covers fp16 and bf16 only.
+- bf16 cannot be checked in Triton's interpreter (its bf16 dot is wrong), so it is refused there.
+- Cqk > 256 loads the whole query/key vector per tile in the long-group kernels (smaller tiles
+  are picked): correct, not tuned. No double backward. No masking of ISA's zero padding (none is
+  wanted: spec §7).
+"""
+import contextlib
+import os
+import types
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+# --------------------------------------------------------------------------------------------
+# Capability probe
+# --------------------------------------------------------------------------------------------
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where Triton is absent (macOS, Windows)
+    HAS_TRITON = False
+
+    class _NoTriton:
+        """Lets this module import without Triton; every launch is refused by `check_supported`."""
+
+        constexpr = None
+
+        @staticmethod
+        def jit(fn=None, **_kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _NoTriton()  # type: ignore[assignment]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TILE_MAX = 128  # groups of up to this many tokens use the single-tile kernels
+_LOG2E = 1.4426950408889634
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1``: kernels then run in Triton's interpreter (CPU tensors ok)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+_CUDA_OK: Dict[int, bool] = {}
+
+
+def cuda_supported(device: torch.device) -> bool:
+    """True when Triton can run these kernels on `device` (a CUDA GPU of compute capability 8.0+)."""
+    if not HAS_TRITON or device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _CUDA_OK.get(index)
+    if ok is None:
+        ok = torch.cuda.get_device_properties(index).major >= 8
+        _CUDA_OK[index] = ok
+    return ok
+
+
+def check_supported(q: torch.Tensor) -> None:
+    """Raise a clear error when the Triton kernels cannot run on `q`'s device or dtype."""
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' needs the `triton` package; use backend='eager' or 'sdpa'")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"backend='triton' supports float32, float16 and bfloat16 inputs, got {q.dtype}; "
+                         "cast the inputs or use backend='eager'")
+    if interpreter_enabled():
+        if q.dtype == torch.bfloat16:
+            raise ValueError("Triton's interpreter (TRITON_INTERPRET=1) computes bfloat16 dot products "
+                             "wrongly; test bfloat16 on a GPU or use float16/float32")
+        return
+    if q.device.type != "cuda":
+        raise RuntimeError(f"backend='triton' runs on CUDA tensors, got device {q.device}; set "
+                           "TRITON_INTERPRET=1 to run the kernels in Triton's interpreter on the CPU")
+    if not cuda_supported(q.device):
+        raise RuntimeError(f"backend='triton' needs a CUDA GPU of compute capability 8.0 or newer, "
+                           f"got {torch.cuda.get_device_name(q.device)}; use backend='sdpa'")
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _pixel_offset(tok, grp, gw, s_h, s_w, BH: tl.constexpr, BW: tl.constexpr, LONG: tl.constexpr):
+    """Element offset (rows*s_h + cols*s_w) of tokens `tok` of group `grp` (gw = W // BW)."""
+    if LONG:  # group = offset (lh, lw) inside the block, token = block index (i, j)
+        row = (tok // gw) * BH + grp // BW
+        col = (tok % gw) * BW + grp % BW
+    else:  # group = block (i, j), token = offset (lh, lw) inside it
+        row = (grp // gw) * BH + tok // BW
+        col = (grp % gw) * BW + tok % BW
+    return row * s_h + col * s_w
+
+
+@triton.jit
+def _fwd_tile_kernel(
+    Q, K, V, O, LSE,
+    sq_n, sq_c, sq_h, sq_w, sk_n, sk_c, sk_h, sk_w, sv_n, sv_c, sv_h, sv_w, so_n, so_c, so_h, so_w,
+    L, G, NG, gw, CQK, CV, qk_scale,
+    BH: tl.constexpr, BW: tl.constexpr, LONG: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    GROUPS_PER_PROG: tl.constexpr, PREC: tl.constexpr,
+):
+    """Whole groups (L <= BLOCK_L tokens): exact softmax of one score tile, then P @ V by Cv chunks."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_L)
+    t_ok = offs < L
+    offs_dk0 = tl.arange(0, BLOCK_DK)
+    offs_dv0 = tl.arange(0, BLOCK_DV)
+    for i in range(GROUPS_PER_PROG):
+        bg_raw = pid * GROUPS_PER_PROG + i
+        row_ok = t_ok & (bg_raw < NG)
+        bg = tl.minimum(bg_raw, NG - 1)
+        n = (bg // G).to(tl.int64)
+        grp = bg % G
+        pq = _pixel_offset(offs, grp, gw, sq_h, sq_w, BH, BW, LONG)
+        pk = _pixel_offset(offs, grp, gw, sk_h, sk_w, BH, BW, LONG)
+        s = tl.full([BLOCK_L, BLOCK_L], 0.0, dtype=tl.float32)
+        for d0 in range(0, CQK, BLOCK_DK):
+            offs_dk = d0 + offs_dk0
+            dk_ok = offs_dk < CQK
+            q = tl.load(Q + n * sq_n + pq[:, None] + offs_dk[None, :] * sq_c,
+                        mask=t_ok[:, None] & dk_ok[None, :], other=0.0)
+            kt = tl.load(K + n * sk_n + offs_dk[:, None] * sk_c + pk[None, :],
+                         mask=dk_ok[:, None] & t_ok[None, :], other=0.0)
+            s = tl.dot(q, kt, s, input_precision=PREC)
+        s = tl.where(t_ok[None, :], s * qk_scale, float("-inf"))
+        m = tl.max(s, 1)
+        p = tl.exp2(s - m[:, None])
+        lsum = tl.sum(p, 1)
+        tl.store(LSE + bg * L + offs, m + tl.log2(lsum), mask=row_ok)
+        p = (p * (1.0 / lsum)[:, None]).to(V.dtype.element_ty)
+        pv = _pixel_offset(offs, grp, gw, sv_h, sv_w, BH, BW, LONG)
+        po = _pixel_offset(offs, grp, gw, so_h, so_w, BH, BW, LONG)
+        for c0 in range(0, CV, BLOCK_DV):
+            offs_dv = c0 + offs_dv0
+            dv_ok = offs_dv < CV
+            v = tl.load(V + n * sv_n + pv[:, None] + offs_dv[None, :] * sv_c,
+                        mask=t_ok[:, None] & dv_ok[None, :], other=0.0)
+            o = tl.dot(p, v, input_precision=PREC)
+            tl.store(O + n * so_n + po[:, None] + offs_dv[None, :] * so_c, o.to(O.dtype.element_ty),
+                     mask=row_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _fwd_flash_kernel(
+    Q, K, V, O, LSE,
+    sq_n, sq_c, sq_h, sq_w, sk_n, sk_c, sk_h, sk_w, sv_n, sv_c, sv_h, sv_w, so_n, so_c, so_h, so_w,
+    L, G, gw, CQK, CV, NUM_DV, qk_scale,
+    BH: tl.constexpr, BW: tl.constexpr, LONG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Long groups: BLOCK_M queries x BLOCK_DV value columns per program, online softmax over keys."""
+    per_group = ((L + BLOCK_M - 1) // BLOCK_M) * NUM_DV  # programs of one group are adjacent: K/V stay in L2
+    pid = tl.program_id(0)
+    bg = pid // per_group
+    m_blk = (pid % per_group) // NUM_DV
+    dv_blk = pid % NUM_DV
+    n = (bg // G).to(tl.int64)
+    grp = bg % G
+    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = dv_blk * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < L
+    dk_ok = offs_dk < CQK
+    dv_ok = offs_dv < CV
+    pq = _pixel_offset(offs_m, grp, gw, sq_h, sq_w, BH, BW, LONG)
+    q = tl.load(Q + n * sq_n + pq[:, None] + offs_dk[None, :] * sq_c,
+                mask=m_ok[:, None] & dk_ok[None, :], other=0.0)
+    k_base = K + n * sk_n + offs_dk[:, None] * sk_c
+    v_base = V + n * sv_n + offs_dv[None, :] * sv_c
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
+    for start in range(0, L, BLOCK_N):
+        offs_n = start + offs_n0
+        n_ok = offs_n < L
+        pk = _pixel_offset(offs_n, grp, gw, sk_h, sk_w, BH, BW, LONG)
+        kt = tl.load(k_base + pk[None, :], mask=dk_ok[:, None] & n_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        pv = _pixel_offset(offs_n, grp, gw, sv_h, sv_w, BH, BW, LONG)
+        v = tl.load(v_base + pv[:, None], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=PREC)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    po = _pixel_offset(offs_m, grp, gw, so_h, so_w, BH, BW, LONG)
+    tl.store(O + n * so_n + po[:, None] + offs_dv[None, :] * so_c, acc.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & dv_ok[None, :])
+    tl.store(LSE + bg * L + offs_m, m_i + tl.log2(l_i), mask=m_ok & (dv_blk == 0))
+
+
+@triton.jit
+def _bwd_tile_kernel(
+    Q, K, V, DO, DQ, DK, DV, LSE,
+    sq_n, sq_c, sq_h, sq_w, sk_n, sk_c, sk_h, sk_w, sv_n, sv_c, sv_h, sv_w,
+    sdo_n, sdo_c, sdo_h, sdo_w, sdq_n, sdq_c, sdq_h, sdq_w, sdk_n, sdk_c, sdk_h, sdk_w,
+    sdv_n, sdv_c, sdv_h, sdv_w,
+    L, G, NG, gw, CQK, CV, qk_scale, scale,
+    BH: tl.constexpr, BW: tl.constexpr, LONG: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    GROUPS_PER_PROG: tl.constexpr, PREC: tl.constexpr,
+):
+    """Whole groups: P from the saved LSE, dP and dV by Cv chunks, then dQ and dK by Cqk chunks."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_L)
+    t_ok = offs < L
+    offs_dk0 = tl.arange(0, BLOCK_DK)
+    offs_dv0 = tl.arange(0, BLOCK_DV)
+    for i in range(GROUPS_PER_PROG):
+        bg_raw = pid * GROUPS_PER_PROG + i
+        row_ok = t_ok & (bg_raw < NG)
+        bg = tl.minimum(bg_raw, NG - 1)
+        n = (bg // G).to(tl.int64)
+        grp = bg % G
+        pq = _pixel_offset(offs, grp, gw, sq_h, sq_w, BH, BW, LONG)
+        pk = _pixel_offset(offs, grp, gw, sk_h, sk_w, BH, BW, LONG)
+        s = tl.full([BLOCK_L, BLOCK_L], 0.0, dtype=tl.float32)
+        for d0 in range(0, CQK, BLOCK_DK):
+            offs_dk = d0 + offs_dk0
+            dk_ok = offs_dk < CQK
+            q = tl.load(Q + n * sq_n + pq[:, None] + offs_dk[None, :] * sq_c,
+                        mask=t_ok[:, None] & dk_ok[None, :], other=0.0)
+            kt = tl.load(K + n * sk_n + offs_dk[:, None] * sk_c + pk[None, :],
+                         mask=dk_ok[:, None] & t_ok[None, :], other=0.0)
+            s = tl.dot(q, kt, s, input_precision=PREC)
+        lse = tl.load(LSE + bg * L + offs, mask=t_ok, other=0.0)
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        p = tl.where(t_ok[:, None] & t_ok[None, :], p, 0.0)
+        pt = tl.trans(p).to(DO.dtype.element_ty)
+        pv = _pixel_offset(offs, grp, gw, sv_h, sv_w, BH, BW, LONG)
+        pdo = _pixel_offset(offs, grp, gw, sdo_h, sdo_w, BH, BW, LONG)
+        pdv = _pixel_offset(offs, grp, gw, sdv_h, sdv_w, BH, BW, LONG)
+        dp = tl.full([BLOCK_L, BLOCK_L], 0.0, dtype=tl.float32)
+        for c0 in range(0, CV, BLOCK_DV):
+            offs_dv = c0 + offs_dv0
+            dv_ok = offs_dv < CV
+            do = tl.load(DO + n * sdo_n + pdo[:, None] + offs_dv[None, :] * sdo_c,
+                         mask=t_ok[:, None] & dv_ok[None, :], other=0.0)
+            vt = tl.load(V + n * sv_n + offs_dv[:, None] * sv_c + pv[None, :],
+                         mask=dv_ok[:, None] & t_ok[None, :], other=0.0)
+            dp = tl.dot(do, vt, dp, input_precision=PREC)
+            dv = tl.dot(pt, do, input_precision=PREC)
+            tl.store(DV + n * sdv_n + pdv[:, None] + offs_dv[None, :] * sdv_c, dv.to(DV.dtype.element_ty),
+                     mask=row_ok[:, None] & dv_ok[None, :])
+        delta = tl.sum(p * dp, 1)  # = rowsum(dO * O) of the exact output
+        ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty)
+        dst = tl.trans(ds)
+        pdq = _pixel_offset(offs, grp, gw, sdq_h, sdq_w, BH, BW, LONG)
+        pdk = _pixel_offset(offs, grp, gw, sdk_h, sdk_w, BH, BW, LONG)
+        for d0 in range(0, CQK, BLOCK_DK):
+            offs_dk = d0 + offs_dk0
+            dk_ok = offs_dk < CQK
+            k = tl.load(K + n * sk_n + pk[:, None] + offs_dk[None, :] * sk_c,
+                        mask=t_ok[:, None] & dk_ok[None, :], other=0.0)
+            dq = tl.dot(ds, k, input_precision=PREC) * scale
+            tl.store(DQ + n * sdq_n + pdq[:, None] + offs_dk[None, :] * sdq_c, dq.to(DQ.dtype.element_ty),
+                     mask=row_ok[:, None] & dk_ok[None, :])
+            q = tl.load(Q + n * sq_n + pq[:, None] + offs_dk[None, :] * sq_c,
+                        mask=t_ok[:, None] & dk_ok[None, :], other=0.0)
+            dk = tl.dot(dst, q, input_precision=PREC) * scale
+            tl.store(DK + n * sdk_n + pdk[:, None] + offs_dk[None, :] * sdk_c, dk.to(DK.dtype.element_ty),
+                     mask=row_ok[:, None] & dk_ok[None, :])
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DELTA,
+    so_n, so_c, so_h, so_w, sdo_n, sdo_c, sdo_h, sdo_w,
+    L, G, gw, CV,
+    BH: tl.constexpr, BW: tl.constexpr, LONG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """delta[token] = sum_c dO * O (fp32), the softmax-backward row term."""
+    per_group = (L + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    bg = pid // per_group
+    m_blk = pid % per_group
+    n = (bg // G).to(tl.int64)
+    grp = bg % G
+    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < L
+    offs_dv0 = tl.arange(0, BLOCK_DV)
+    po = _pixel_offset(offs_m, grp, gw, so_h, so_w, BH, BW, LONG)
+    pdo = _pixel_offset(offs_m, grp, gw, sdo_h, sdo_w, BH, BW, LONG)
+    acc = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    for c0 in range(0, CV, BLOCK_DV):
+        offs_dv = c0 + offs_dv0
+        mask = m_ok[:, None] & (offs_dv < CV)[None, :]
+        o = tl.load(O + n * so_n + po[:, None] + offs_dv[None, :] * so_c, mask=mask, other=0.0)
+        do = tl.load(DO + n * sdo_n + pdo[:, None] + offs_dv[None, :] * sdo_c, mask=mask, other=0.0)
+        acc += tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bg * L + offs_m, acc, mask=m_ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA,
+    sq_n, sq_c, sq_h, sq_w, sk_n, sk_c, sk_h, sk_w, sv_n, sv_c, sv_h, sv_w,
+    sdo_n, sdo_c, sdo_h, sdo_w, sdk_n, sdk_c, sdk_h, sdk_w, sdv_n, sdv_c, sdv_h, sdv_w,
+    L, G, gw, CQK, CV, qk_scale, scale,
+    BH: tl.constexpr, BW: tl.constexpr, LONG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    WITH_DV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Long groups: dK (and dV when Cv <= BLOCK_DV) of BLOCK_N keys, looping over all queries."""
+    per_group = (L + BLOCK_N - 1) // BLOCK_N
+    pid = tl.program_id(0)
+    bg = pid // per_group
+    n_blk = pid % per_group
+    n = (bg // G).to(tl.int64)
+    grp = bg % G
+    offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < L
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    dk_ok = offs_dk < CQK
+    offs_dv0 = tl.arange(0, BLOCK_DV)
+    pk = _pixel_offset(offs_n, grp, gw, sk_h, sk_w, BH, BW, LONG)
+    pv = _pixel_offset(offs_n, grp, gw, sv_h, sv_w, BH, BW, LONG)
+    k = tl.load(K + n * sk_n + pk[:, None] + offs_dk[None, :] * sk_c,
+                mask=n_ok[:, None] & dk_ok[None, :], other=0.0)
+    dk_acc = tl.full([BLOCK_N, BLOCK_DK], 0.0, dtype=tl.float32)
+    if WITH_DV:
+        dv_ok = offs_dv0 < CV
+        v = tl.load(V + n * sv_n + pv[:, None] + offs_dv0[None, :] * sv_c,
+                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        dv_acc = tl.full([BLOCK_N, BLOCK_DV], 0.0, dtype=tl.float32)
+    for start in range(0, L, BLOCK_M):
+        offs_m = start + offs_m0
+        m_ok = offs_m < L
+        pq = _pixel_offset(offs_m, grp, gw, sq_h, sq_w, BH, BW, LONG)
+        pdo = _pixel_offset(offs_m, grp, gw, sdo_h, sdo_w, BH, BW, LONG)
+        qt = tl.load(Q + n * sq_n + offs_dk[:, None] * sq_c + pq[None, :],
+                     mask=dk_ok[:, None] & m_ok[None, :], other=0.0)
+        lse = tl.load(LSE + bg * L + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + bg * L + offs_m, mask=m_ok, other=0.0)
+        st = tl.dot(k, qt, input_precision=PREC)
+        pt = tl.exp2(st * qk_scale - lse[None, :])  # (keys, queries); 0 for padded queries
+        if WITH_DV:
+            do = tl.load(DO + n * sdo_n + pdo[:, None] + offs_dv0[None, :] * sdo_c,
+                         mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+            dv_acc = tl.dot(pt.to(DO.dtype.element_ty), do, dv_acc, input_precision=PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+        else:
+            dpt = tl.full([BLOCK_N, BLOCK_M], 0.0, dtype=tl.float32)
+            for c0 in range(0, CV, BLOCK_DV):
+                offs_dv = c0 + offs_dv0
+                dvc_ok = offs_dv < CV
+                vc = tl.load(V + n * sv_n + pv[:, None] + offs_dv[None, :] * sv_c,
+                             mask=n_ok[:, None] & dvc_ok[None, :], other=0.0)
+                dot_ = tl.load(DO + n * sdo_n + offs_dv[:, None] * sdo_c + pdo[None, :],
+                               mask=dvc_ok[:, None] & m_ok[None, :], other=0.0)
+                dpt = tl.dot(vc, dot_, dpt, input_precision=PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk_acc = tl.dot(dst.to(Q.dtype.element_ty), tl.trans(qt), dk_acc, input_precision=PREC)
+    pdk = _pixel_offset(offs_n, grp, gw, sdk_h, sdk_w, BH, BW, LONG)
+    tl.store(DK + n * sdk_n + pdk[:, None] + offs_dk[None, :] * sdk_c, (dk_acc * scale).to(DK.dtype.element_ty),
+             mask=n_ok[:, None] & dk_ok[None, :])
+    if WITH_DV:
+        pdv = _pixel_offset(offs_n, grp, gw, sdv_h, sdv_w, BH, BW, LONG)
+        tl.store(DV + n * sdv_n + pdv[:, None] + offs_dv0[None, :] * sdv_c, dv_acc.to(DV.dtype.element_ty),
+                 mask=n_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _bwd_dv_kernel(
+    Q, K, DO, DV, LSE,
+    sq_n, sq_c, sq_h, sq_w, sk_n, sk_c, sk_h, sk_w, sdo_n, sdo_c, sdo_h, sdo_w, sdv_n, sdv_c, sdv_h, sdv_w,
+    L, G, gw, CQK, CV, NUM_DV, qk_scale,
+    BH: tl.constexpr, BW: tl.constexpr, LONG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Long groups: dV = P^T dO for BLOCK_N keys x BLOCK_DV value columns (Cv split over programs)."""
+    per_group = ((L + BLOCK_N - 1) // BLOCK_N) * NUM_DV
+    pid = tl.program_id(0)
+    bg = pid // per_group
+    n_blk = (pid % per_group) // NUM_DV
+    dv_blk = pid % NUM_DV
+    n = (bg // G).to(tl.int64)
+    grp = bg % G
+    offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < L
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    dk_ok = offs_dk < CQK
+    offs_dv = dv_blk * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < CV
+    pk = _pixel_offset(offs_n, grp, gw, sk_h, sk_w, BH, BW, LONG)
+    k = tl.load(K + n * sk_n + pk[:, None] + offs_dk[None, :] * sk_c,
+                mask=n_ok[:, None] & dk_ok[None, :], other=0.0)
+    dv_acc = tl.full([BLOCK_N, BLOCK_DV], 0.0, dtype=tl.float32)
+    for start in range(0, L, BLOCK_M):
+        offs_m = start + offs_m0
+        m_ok = offs_m < L
+        pq = _pixel_offset(offs_m, grp, gw, sq_h, sq_w, BH, BW, LONG)
+        pdo = _pixel_offset(offs_m, grp, gw, sdo_h, sdo_w, BH, BW, LONG)
+        qt = tl.load(Q + n * sq_n + offs_dk[:, None] * sq_c + pq[None, :],
+                     mask=dk_ok[:, None] & m_ok[None, :], other=0.0)
+        lse = tl.load(LSE + bg * L + offs_m, mask=m_ok, other=float("inf"))
+        pt = tl.exp2(tl.dot(k, qt, input_precision=PREC) * qk_scale - lse[None, :])
+        do = tl.load(DO + n * sdo_n + pdo[:, None] + offs_dv[None, :] * sdo_c,
+                     mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+        dv_acc = tl.dot(pt.to(DO.dtype.element_ty), do, dv_acc, input_precision=PREC)
+    pdv = _pixel_offset(offs_n, grp, gw, sdv_h, sdv_w, BH, BW, LONG)
+    tl.store(DV + n * sdv_n + pdv[:, None] + offs_dv[None, :] * sdv_c, dv_acc.to(DV.dtype.element_ty),
+             mask=n_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA,
+    sq_n, sq_c, sq_h, sq_w, sk_n, sk_c, sk_h, sk_w, sv_n, sv_c, sv_h, sv_w,
+    sdo_n, sdo_c, sdo_h, sdo_w, sdq_n, sdq_c, sdq_h, sdq_w,
+    L, G, gw, CQK, CV, qk_scale, scale,
+    BH: tl.constexpr, BW: tl.constexpr, LONG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DV_ONE: tl.constexpr, PREC: tl.constexpr,
+):
+    """Long groups: dQ of BLOCK_M queries, looping over all keys (dP by Cv chunks unless DV_ONE)."""
+    per_group = (L + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    bg = pid // per_group
+    m_blk = pid % per_group
+    n = (bg // G).to(tl.int64)
+    grp = bg % G
+    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < L
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    dk_ok = offs_dk < CQK
+    offs_dv0 = tl.arange(0, BLOCK_DV)
+    pq = _pixel_offset(offs_m, grp, gw, sq_h, sq_w, BH, BW, LONG)
+    pdo = _pixel_offset(offs_m, grp, gw, sdo_h, sdo_w, BH, BW, LONG)
+    q = tl.load(Q + n * sq_n + pq[:, None] + offs_dk[None, :] * sq_c,
+                mask=m_ok[:, None] & dk_ok[None, :], other=0.0)
+    lse = tl.load(LSE + bg * L + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + bg * L + offs_m, mask=m_ok, other=0.0)
+    if DV_ONE:
+        dv_ok = offs_dv0 < CV
+        do = tl.load(DO + n * sdo_n + pdo[:, None] + offs_dv0[None, :] * sdo_c,
+                     mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+    dq_acc = tl.full([BLOCK_M, BLOCK_DK], 0.0, dtype=tl.float32)
+    for start in range(0, L, BLOCK_N):
+        offs_n = start + offs_n0
+        n_ok = offs_n < L
+        pk = _pixel_offset(offs_n, grp, gw, sk_h, sk_w, BH, BW, LONG)
+        pv = _pixel_offset(offs_n, grp, gw, sv_h, sv_w, BH, BW, LONG)
+        kt = tl.load(K + n * sk_n + offs_dk[:, None] * sk_c + pk[None, :],
+                     mask=dk_ok[:, None] & n_ok[None, :], other=0.0)
+        p = tl.exp2(tl.dot(q, kt, input_precision=PREC) * qk_scale - lse[:, None])
+        p = tl.where(n_ok[None, :], p, 0.0)
+        if DV_ONE:
+            vt = tl.load(V + n * sv_n + offs_dv0[:, None] * sv_c + pv[None, :],
+                         mask=dv_ok[:, None] & n_ok[None, :], other=0.0)
+            dp = tl.dot(do, vt, input_precision=PREC)
+        else:
+            dp = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32)
+            for c0 in range(0, CV, BLOCK_DV):
+                offs_dv = c0 + offs_dv0
+                dvc_ok = offs_dv < CV
+                doc = tl.load(DO + n * sdo_n + pdo[:, None] + offs_dv[None, :] * sdo_c,
+                              mask=m_ok[:, None] & dvc_ok[None, :], other=0.0)
+                vt = tl.load(V + n * sv_n + offs_dv[:, None] * sv_c + pv[None, :],
+                             mask=dvc_ok[:, None] & n_ok[None, :], other=0.0)
+                dp = tl.dot(doc, vt, dp, input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq_acc = tl.dot(ds.to(K.dtype.element_ty), tl.trans(kt), dq_acc, input_precision=PREC)
+    pdq = _pixel_offset(offs_m, grp, gw, sdq_h, sdq_w, BH, BW, LONG)
+    tl.store(DQ + n * sdq_n + pdq[:, None] + offs_dk[None, :] * sdq_c, (dq_acc * scale).to(DQ.dtype.element_ty),
+             mask=m_ok[:, None] & dk_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launch plans: fixed configurations per (dtype, group length, channel counts)
+# --------------------------------------------------------------------------------------------
+def _np2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+@dataclass
+class Launch:
+    """One kernel launch: the kernel, its grid, its runtime arguments and its constexprs."""
+
+    kernel: Any
+    grid: Tuple[int, ...]
+    args: Dict[str, Any]
+    constexprs: Dict[str, Any]
+    num_warps: int
+    num_stages: int
+    name: str = field(default="")
+
+    def config_key(self) -> Tuple:
+        """What selects the compiled binary besides strides and pointers."""
+        cx = tuple(sorted((k, v) for k, v in self.constexprs.items()))
+        return (self.name, cx, self.num_warps, self.num_stages)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Group/token bookkeeping of one call: L tokens per group, G groups per image."""
+
+    n: int
+    h: int
+    w: int
+    bh: int
+    bw: int
+    long_range: bool
+
+    @property
+    def gw(self) -> int:
+        return self.w // self.bw
+
+    @property
+    def groups(self) -> int:
+        return self.bh * self.bw if self.long_range else (self.h // self.bh) * (self.w // self.bw)
+
+    @property
+    def tokens(self) -> int:
+        return (self.h // self.bh) * (self.w // self.bw) if self.long_range else self.bh * self.bw
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "ieee"  # ignored for 16-bit inputs: tensor cores with fp32 accumulation
+
+
+def _strides(x: torch.Tensor, prefix: str) -> Dict[str, int]:
+    sn, sc, sh, sw = x.stride()
+    return {f"{prefix}_n": sn, f"{prefix}_c": sc, f"{prefix}_h": sh, f"{prefix}_w": sw}
+
+
+def _geo_args(geo: Geometry) -> Dict[str, Any]:
+    return {"BH": geo.bh, "BW": geo.bw, "LONG": geo.long_range}
+
+
+def _tile_groups_per_prog(num_groups: int) -> int:
+    """Groups per program of the tile kernels: 1 until there are enough groups to fill an H100 ~8x."""
+    if num_groups >= 8192:
+        return 4
+    if num_groups >= 4096:
+        return 2
+    return 1
+
+
+def _chunk(c: int, cap: int) -> int:
+    return min(cap, max(16, _np2(c)))
+
+
+def is_gather(long_range: bool, *tensors: torch.Tensor) -> bool:
+    """True when long-range tokens must be gathered element by element (channels not contiguous).
+
+    A long-range group takes every bw-th pixel, so only a channel stride of 1 (channels_last)
+    gives vector loads; short-range groups read bw-pixel row segments either way.
+    """
+    return long_range and any(t.stride(1) != 1 for t in tensors)
+
+
+def fwd_config(dtype: torch.dtype, L: int, cqk: int, cv: int, gather: bool = False) -> Dict[str, Any]:
+    """Block sizes and launch options of the forward for one problem class (fixed, no autotuning).
+
+    Sized for an H100 (227 KB shared memory per block, 64K registers per SM) and checked by
+    tests/test_kernel_compile.py: no register spills, shared memory within the limit.
+    """
+    block_dk = max(16, _np2(cqk))
+    if dtype == torch.float32:  # exact fp32 dot products run on the FMA units: small tiles
+        if _np2(L) <= TILE_MAX:
+            block_l = max(16, _np2(L))
+            return dict(kind="tile", BLOCK_L=block_l, BLOCK_DK=_chunk(cqk, 32 if block_l <= 64 else 16),
+                        BLOCK_DV=_chunk(cv, 32 if block_l <= 64 else 16), num_warps=4 if block_l <= 32 else 8,
+                        num_stages=1)
+        return dict(kind="flash", BLOCK_M=32, BLOCK_N=32, BLOCK_DK=block_dk, BLOCK_DV=_chunk(cv, 64),
+                    num_warps=4, num_stages=1)
+    if _np2(L) <= TILE_MAX:
+        block_l = max(16, _np2(L))
+        if gather:
+            return dict(kind="tile", BLOCK_L=block_l, BLOCK_DK=_chunk(cqk, 32), BLOCK_DV=_chunk(cv, 64),
+                        num_warps=4 if block_l <= 32 else 8, num_stages=2)
+        return dict(kind="tile", BLOCK_L=block_l, BLOCK_DK=_chunk(cqk, 128 if block_l <= 64 else 64),
+                    BLOCK_DV=_chunk(cv, 128), num_warps=4 if block_l <= 64 else 8, num_stages=2)
+    big = block_dk > 256
+    if gather:
+        return dict(kind="flash", BLOCK_M=64 if big else 128, BLOCK_N=32, BLOCK_DK=block_dk,
+                    BLOCK_DV=_chunk(cv, 64 if big else 128), num_warps=8, num_stages=2)
+    return dict(kind="flash", BLOCK_M=64 if big or L <= 256 else 128, BLOCK_N=32 if big else 64, BLOCK_DK=block_dk,
+                BLOCK_DV=_chunk(cv, 128 if big else 256), num_warps=8, num_stages=2)
+
+
+def bwd_config(dtype: torch.dtype, L: int, cqk: int, cv: int, gather: bool = False) -> Dict[str, Any]:
+    """Block sizes and launch options of the backward for one problem class (fixed, no autotuning)."""
+    block_dk = max(16, _np2(cqk))
+    if dtype == torch.float32:
+        if _np2(L) <= TILE_MAX:
+            block_l = max(16, _np2(L))
+            return dict(kind="tile", BLOCK_L=block_l, BLOCK_DK=_chunk(cqk, 32 if block_l <= 32 else 16),
+                        BLOCK_DV=_chunk(cv, 32 if block_l <= 32 else 16), num_warps=4 if block_l <= 32 else 8,
+                        num_stages=1)
+        return dict(kind="flash", BLOCK_M=32, BLOCK_N=32, BLOCK_DK=block_dk, BLOCK_DV=_chunk(cv, 32),
+                    DV_BLOCK=_chunk(cv, 64), DELTA_DV=_chunk(cv, 32), num_warps=4, num_stages=1)
+    if _np2(L) <= TILE_MAX:
+        block_l = max(16, _np2(L))
+        if gather:
+            chunk = 32 if block_l <= 64 else 16
+            return dict(kind="tile", BLOCK_L=block_l, BLOCK_DK=_chunk(cqk, chunk), BLOCK_DV=_chunk(cv, chunk),
+                        num_warps=4 if block_l <= 32 else 8, num_stages=2)
+        if block_l > 64:  # a 16-wide Cqk chunk spills here (ptxas, sm_90); 32 does not
+            return dict(kind="tile", BLOCK_L=block_l, BLOCK_DK=32, BLOCK_DV=32, num_warps=8, num_stages=2)
+        return dict(kind="tile", BLOCK_L=block_l, BLOCK_DK=_chunk(cqk, 64), BLOCK_DV=_chunk(cv, 64), num_warps=4,
+                    num_stages=2)
+    big = block_dk > 256
+    if gather or big:
+        return dict(kind="flash", BLOCK_M=32, BLOCK_N=32, BLOCK_DK=block_dk, BLOCK_DV=_chunk(cv, 32),
+                    DV_BLOCK=_chunk(cv, 128), DELTA_DV=_chunk(cv, 32), num_warps=8, num_stages=2)
+    return dict(kind="flash", BLOCK_M=64, BLOCK_N=64, BLOCK_DK=block_dk, BLOCK_DV=_chunk(cv, 64),
+                DV_BLOCK=_chunk(cv, 256), DELTA_DV=_chunk(cv, 128), num_warps=8, num_stages=2)
+
+
+def _fwd_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+              geo: Geometry, scale: float, config: Optional[Dict[str, int]] = None) -> List[Launch]:
+    L, G, ng = geo.tokens, geo.groups, geo.n * geo.groups
+    cqk, cv = q.shape[1], v.shape[1]
+    cfg = dict(config or fwd_config(q.dtype, L, cqk, cv, is_gather(geo.long_range, q, k, v)))
+    common = dict(Q=q, K=k, V=v, O=out, LSE=lse, **_strides(q, "sq"), **_strides(k, "sk"), **_strides(v, "sv"),
+                  **_strides(out, "so"))
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    kind = cfg.pop("kind")
+    cx = dict(_geo_args(geo), PREC=_precision(q.dtype), **cfg)
+    if kind == "tile":
+        gpp = cx.setdefault("GROUPS_PER_PROG", _tile_groups_per_prog(ng))
+        args = dict(common, L=L, G=G, NG=ng, gw=geo.gw, CQK=cqk, CV=cv, qk_scale=scale * _LOG2E)
+        return [Launch(_fwd_tile_kernel, (triton.cdiv(ng, gpp),), args, cx, warps, stages, "fwd_tile")]
+    num_dv = triton.cdiv(cv, cx["BLOCK_DV"])
+    args = dict(common, L=L, G=G, gw=geo.gw, CQK=cqk, CV=cv, NUM_DV=num_dv, qk_scale=scale * _LOG2E)
+    grid = (triton.cdiv(L, cx["BLOCK_M"]) * num_dv * ng,)
+    return [Launch(_fwd_flash_kernel, grid, args, cx, warps, stages, "fwd_flash")]
+
+
+def _bwd_plan(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, delta: Optional[torch.Tensor],
+              geo: Geometry, scale: float, config: Optional[Dict[str, int]] = None) -> List[Launch]:
+    L, G, ng = geo.tokens, geo.groups, geo.n * geo.groups
+    cqk, cv = q.shape[1], v.shape[1]
+    cfg = dict(config or bwd_config(q.dtype, L, cqk, cv, is_gather(geo.long_range, q, k, v, do)))
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    kind = cfg.pop("kind")
+    delta_dv = cfg.pop("DELTA_DV", None)
+    geo_cx = dict(_geo_args(geo), PREC=_precision(q.dtype))
+    sizes = dict(L=L, G=G, gw=geo.gw, CQK=cqk, CV=cv)
+    if kind == "tile":
+        cx = dict(geo_cx, **cfg)
+        gpp = cx.setdefault("GROUPS_PER_PROG", _tile_groups_per_prog(ng))
+        args = dict(Q=q, K=k, V=v, DO=do, DQ=dq, DK=dk, DV=dv, LSE=lse, **_strides(q, "sq"), **_strides(k, "sk"),
+                    **_strides(v, "sv"), **_strides(do, "sdo"), **_strides(dq, "sdq"), **_strides(dk, "sdk"),
+                    **_strides(dv, "sdv"), NG=ng, qk_scale=scale * _LOG2E, scale=scale, **sizes)
+        return [Launch(_bwd_tile_kernel, (triton.cdiv(ng, gpp),), args, cx, warps, stages, "bwd_tile")]
+    assert delta is not None
+    bm, bn, bdk, bdv = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_DK"), cfg.pop("BLOCK_DV")
+    blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DV=bdv)
+    one_chunk = cv <= bdv
+    plans = []
+    delta_dv = delta_dv or bdv
+    plans.append(Launch(
+        _bwd_delta_kernel, (triton.cdiv(L, 64) * ng,),
+        dict(O=out, DO=do, DELTA=delta, **_strides(out, "so"), **_strides(do, "sdo"), L=L, G=G, gw=geo.gw, CV=cv),
+        dict(_geo_args(geo), BLOCK_M=64, BLOCK_DV=delta_dv), 4, 1, "bwd_delta"))
+    plans.append(Launch(
+        _bwd_dkdv_kernel, (triton.cdiv(L, bn) * ng,),
+        dict(Q=q, K=k, V=v, DO=do, DK=dk, DV=dv, LSE=lse, DELTA=delta, **_strides(q, "sq"), **_strides(k, "sk"),
+             **_strides(v, "sv"), **_strides(do, "sdo"), **_strides(dk, "sdk"), **_strides(dv, "sdv"),
+             qk_scale=scale * _LOG2E, scale=scale, **sizes),
+        dict(geo_cx, WITH_DV=one_chunk, **blocks), warps, stages, "bwd_dkdv"))
+    if not one_chunk:
+        dv_block = cfg.pop("DV_BLOCK", bdv)
+        num_dv = triton.cdiv(cv, dv_block)
+        plans.append(Launch(
+            _bwd_dv_kernel, (triton.cdiv(L, bn) * num_dv * ng,),
+            dict(Q=q, K=k, DO=do, DV=dv, LSE=lse, **_strides(q, "sq"), **_strides(k, "sk"), **_strides(do, "sdo"),
+                 **_strides(dv, "sdv"), NUM_DV=num_dv, qk_scale=scale * _LOG2E, **sizes),
+            dict(geo_cx, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DV=dv_block), warps, stages, "bwd_dv"))
+    plans.append(Launch(
+        _bwd_dq_kernel, (triton.cdiv(L, bm) * ng,),
+        dict(Q=q, K=k, V=v, DO=do, DQ=dq, LSE=lse, DELTA=delta, **_strides(q, "sq"), **_strides(k, "sk"),
+             **_strides(v, "sv"), **_strides(do, "sdo"), **_strides(dq, "sdq"), qk_scale=scale * _LOG2E,
+             scale=scale, **sizes),
+        dict(geo_cx, DV_ONE=one_chunk, **blocks), warps, stages, "bwd_dq"))
+    return plans
+
+
+# --------------------------------------------------------------------------------------------
+# Running launches (compiled on CUDA, interpreted on the CPU under TRITON_INTERPRET=1)
+# --------------------------------------------------------------------------------------------
+_INTERPRETED: Dict[str, Any] = {}
+_MISSING = object()
+
+
+def _interpreted(kernel: Any) -> Any:
+    """Interpreter twin of a kernel, made even when TRITON_INTERPRET was set after this import.
+
+    `triton.jit` reads TRITON_INTERPRET when it decorates, and a compiled kernel refuses to call
+    another @triton.jit function from the interpreter; so the kernels are rebuilt here over a copy
+    of this module's globals in which every jit function is an InterpretedFunction.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    if not _INTERPRETED:
+        scope = dict(globals())
+        for name, obj in list(globals().items()):
+            if isinstance(obj, triton.runtime.JITFunction):
+                fn = obj.fn
+                clone = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+                clone.__qualname__ = fn.__qualname__
+                clone.__module__ = fn.__module__
+                scope[name] = InterpretedFunction(clone)
+                _INTERPRETED[name] = scope[name]
+    return _INTERPRETED[kernel.fn.__name__]
+
+
+@contextlib.contextmanager
+def _interpreter_session():
+    """Make interpreted launches work, and leave no trace, when Triton was imported uninterpreted.
+
+    - `tl.max` / `tl.sum` are @jit functions of triton.language.standard, compiled ones unless
+      TRITON_INTERPRET was set when Triton was imported: they are swapped for interpreter twins
+      (which still take the interpreter's numpy fast path: it matches the standard combine
+      functions by identity).
+    - The interpreter patches triton.language for each device-function call and does not undo
+      those patches (harmless in an interpreter-only process, fatal for a later real compile in the
+      same process): the first value of every attribute it patches is recorded and put back.
+    """
+    from triton.runtime import interpreter
+
+    saved = {}
+    for name in ("max", "sum"):
+        fn = getattr(tl, name)
+        if isinstance(fn, triton.runtime.JITFunction):
+            saved[name] = fn
+            setattr(tl, name, interpreter.InterpretedFunction(fn.fn))
+    # the value each patched attribute had before the first patch (MISSING: not in the object's dict)
+    firsts: Dict[Tuple[int, str], Tuple[Any, str, Any]] = {}
+    scope_cls = getattr(interpreter, "_LangPatchScope", None)
+    original_set_attr = getattr(scope_cls, "set_attr", None)
+    if original_set_attr is not None:
+        def recording_set_attr(self, obj, name, value):
+            key = (id(obj), name)
+            if key not in firsts:
+                firsts[key] = (obj, name, vars(obj).get(name, _MISSING))
+            original_set_attr(self, obj, name, value)
+
+        scope_cls.set_attr = recording_set_attr
+    try:
+        yield
+    finally:
+        if original_set_attr is not None:
+            scope_cls.set_attr = original_set_attr
+        for obj, name, value in firsts.values():
+            if value is _MISSING:
+                if name in vars(obj):
+                    delattr(obj, name)
+            else:
+                setattr(obj, name, value)
+        for name, fn in saved.items():
+            setattr(tl, name, fn)
+
+
+def _launch(plans: Sequence[Launch], device: torch.device) -> None:
+    if interpreter_enabled():
+        with _interpreter_session():
+            for p in plans:
+                _interpreted(p.kernel)[p.grid](**p.args, **p.constexprs)
+        return
+    with torch.cuda.device(device):
+        for p in plans:
+            p.kernel[p.grid](**p.args, **p.constexprs, num_warps=p.num_warps, num_stages=p.num_stages)
+
+
+def launch_plans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, block_size: Tuple[int, int],
+                 scale: Optional[float] = None, backward: bool = True) -> List[Launch]:
+    """The launches the op makes for these inputs (meta tensors are fine): used by the compile test."""
+    geo = Geometry(q.shape[0], q.shape[2], q.shape[3], block_size[0], block_size[1], pattern == "long")
+    scale = q.shape[1] ** -0.5 if scale is None else scale
+    out = torch.empty_like(v)
+    lse = torch.empty(geo.n * geo.groups, geo.tokens, device=q.device, dtype=torch.float32)
+    plans = _fwd_plan(q, k, v, out, lse, geo, scale)
+    if backward:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        plans += _bwd_plan(out, q, k, v, out, lse, dq, dk, dv, torch.empty_like(lse), geo, scale)
+    return plans
+
+
+# --------------------------------------------------------------------------------------------
+# The custom op: forward, backward, fake implementations and the autograd formula
+# --------------------------------------------------------------------------------------------
+def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, long_range: bool, block_h: int, block_w: int,
+                  scale: float, config: Optional[Dict[str, int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    geo = Geometry(q.shape[0], q.shape[2], q.shape[3], block_h, block_w, long_range)
+    out = torch.empty_like(v)
+    lse = torch.empty(geo.n * geo.groups, geo.tokens, device=q.device, dtype=torch.float32)
+    if out.numel() and q.shape[1]:
+        _launch(_fwd_plan(q, k, v, out, lse, geo, scale, config), q.device)
+    elif out.numel():
+        out.zero_()
+    return out, lse
+
+
+def _backward_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, long_range: bool, block_h: int, block_w: int, scale: float,
+                   config: Optional[Dict[str, int]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    geo = Geometry(q.shape[0], q.shape[2], q.shape[3], block_h, block_w, long_range)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if not (out.numel() and q.shape[1]):
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    cfg = config or bwd_config(q.dtype, geo.tokens, q.shape[1], v.shape[1], is_gather(long_range, q, k, v, do))
+    delta = torch.empty_like(lse) if cfg["kind"] == "flash" else None
+    _launch(_bwd_plan(do, q, k, v, out, lse, dq, dk, dv, delta, geo, scale, cfg), q.device)
+    return dq, dk, dv
+
+
+if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
+
+    @torch.library.custom_op("isa_triton::attention_fwd", mutates_args=())
+    def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, long_range: bool, block_h: int,
+                          block_w: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _forward_impl(q, k, v, long_range, block_h, block_w, scale)
+
+    @_attention_fwd_op.register_fake
+    def _(q, k, v, long_range, block_h, block_w, scale):
+        geo = Geometry(q.shape[0], q.shape[2], q.shape[3], block_h, block_w, long_range)
+        return torch.empty_like(v), q.new_empty((geo.n * geo.groups, geo.tokens), dtype=torch.float32)
+
+    @torch.library.custom_op("isa_triton::attention_bwd", mutates_args=())
+    def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                          lse: torch.Tensor, long_range: bool, block_h: int, block_w: int,
+                          scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _backward_impl(do, q, k, v, out, lse, long_range, block_h, block_w, scale)
+
+    @_attention_bwd_op.register_fake
+    def _(do, q, k, v, out, lse, long_range, block_h, block_w, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, long_range, block_h, block_w, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.params = (long_range, block_h, block_w, scale)
+        ctx.mark_non_differentiable(lse)
+
+    def _attention_backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = _attention_bwd_op(grad_out, q, k, v, out, lse, *ctx.params)
+        return dq, dk, dv, None, None, None, None
+
+    _attention_fwd_op.register_autograd(_attention_backward, setup_context=_setup_context)
+    _FWD_OP = _attention_fwd_op
+else:  # pragma: no cover - torch < 2.4
+    _FWD_OP = None
+
+
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str,
+                     block_size: Tuple[int, int], scale: float) -> torch.Tensor:
+    """Fused Triton attention on (N, C, H, W) maps (inputs already checked by `check_inputs`).
+
+    Example (CPU, interpreter):
+        >>> import os; os.environ["TRITON_INTERPRET"] = "1"
+        >>> q = k = torch.randn(1, 16, 16, 16); v = torch.randn(1, 32, 16, 16)
+        >>> triton_attention(q, k, v, "short", (8, 8), 0.25).shape
+        torch.Size([1, 32, 16, 16])
+    """
+    check_supported(q)
+    if _FWD_OP is None:
+        raise RuntimeError("backend='triton' needs torch>=2.4 (torch.library.custom_op)")
+    out, _ = _FWD_OP(q, k, v, pattern == "long", int(block_size[0]), int(block_size[1]), float(scale))
+    return out

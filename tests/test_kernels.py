@@ -1,0 +1,203 @@
+"""The Triton kernels, run on the CPU in Triton's interpreter, against an fp64 reference.
+
+`TRITON_INTERPRET=1` is set per test (the `interpret` fixture); `isa_triton.kernels` builds the
+interpreted kernels when it sees the variable at launch time, so these tests share one pytest
+session with everything else. Tolerance rule (flash-attention's): the kernel's max error against
+fp64 may be at most twice eager PyTorch's error in the same dtype, plus a small atol.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from isa_triton import kernels, sparse_attention  # noqa: E402
+from isa_triton.attention import eager_attention  # noqa: E402
+
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-4}
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("ISA_BACKEND", raising=False)
+
+
+def _make(shape, dtype, layout, gen, slot):
+    """A tensor of `shape` in `layout`: nchw, channels_last, or one of three strided views."""
+    n, c, h, w = shape
+    if layout == "nchw":
+        return torch.randn(shape, generator=gen).to(dtype)
+    if layout == "channels_last":
+        return torch.randn(shape, generator=gen).to(dtype).to(memory_format=torch.channels_last)
+    assert layout == "strided"
+    if slot == 0:  # channel slice of a wider map
+        return torch.randn(n, 2 * c, h, w, generator=gen).to(dtype)[:, c:]
+    if slot == 1:  # spatially transposed storage: stride_h = 1
+        return torch.randn(n, c, w, h, generator=gen).to(dtype).transpose(2, 3)
+    return torch.randn(n, c, h, 2 * w, generator=gen).to(dtype)[..., ::2]  # every other column
+
+
+def _inputs(n, cqk, cv, h, w, dtype, layout, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = _make((n, cqk, h, w), dtype, layout, gen, 0)
+    k = _make((n, cqk, h, w), dtype, layout, gen, 1)
+    v = _make((n, cv, h, w), dtype, layout, gen, 2)
+    grad = torch.randn(n, cv, h, w, generator=gen).to(dtype)
+    return q, k, v, grad
+
+
+def _run(fn, q, k, v, grad):
+    """Output and (dq, dk, dv) of fn for upstream gradient `grad`."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(grad)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _max_err(x, ref):
+    return (x.double() - ref).abs().max().item()
+
+
+def _check_against_fp64(triton_fn, q, k, v, grad, pattern, block, scale):
+    ref_out, ref_grads = _run(lambda a, b, c: eager_attention(a, b, c, pattern, block, scale),
+                              q.double(), k.double(), v.double(), grad.double())
+    eager_out, eager_grads = _run(lambda a, b, c: eager_attention(a, b, c, pattern, block, scale), q, k, v, grad)
+    out, grads = _run(triton_fn, q, k, v, grad)
+    atol = ATOL[q.dtype]
+    names = ("out", "dq", "dk", "dv")
+    for name, got, eager, ref in zip(names, [out, *grads], [eager_out, *eager_grads], [ref_out, *ref_grads]):
+        assert got.shape == ref.shape and got.dtype == q.dtype, name
+        err, eager_err = _max_err(got, ref), _max_err(eager, ref)
+        assert err <= 2 * eager_err + atol, f"{name}: triton error {err:.3g} > 2 x eager {eager_err:.3g} + {atol}"
+
+
+# (id, N, Cqk, Cv, H, W, block, pattern, layout): tile and flash paths, gather and vector loads
+CASES = [
+    ("long_8x8_nchw_L6", 1, 16, 24, 16, 24, (8, 8), "long", "nchw"),
+    ("short_4x8_channels_last_L32", 2, 24, 16, 8, 16, (4, 8), "short", "channels_last"),
+    ("long_2x4_strided_L15_batch3", 3, 16, 20, 6, 20, (2, 4), "long", "strided"),
+    ("short_2x4_strided_L8", 2, 16, 24, 4, 8, (2, 4), "short", "strided"),
+    ("long_flash_nchw_L150", 1, 16, 40, 10, 30, (1, 2), "long", "nchw"),
+    ("long_flash_channels_last_L144", 2, 24, 16, 12, 24, (1, 2), "long", "channels_last"),
+    ("short_flash_16x16_L256", 1, 16, 16, 16, 32, (16, 16), "short", "nchw"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_triton_forward_and_grads_within_twice_eager_error(interpret, case, dtype):
+    _, n, cqk, cv, h, w, block, pattern, layout = case
+    q, k, v, grad = _inputs(n, cqk, cv, h, w, dtype, layout)
+    scale = cqk ** -0.5
+
+    def fn(a, b, c):
+        return sparse_attention(a, b, c, pattern, block, backend="triton")
+
+    _check_against_fp64(fn, q, k, v, grad, pattern, block, scale)
+
+
+# Explicit configurations that force every loop and branch: several Cqk/Cv chunks with partial
+# last chunks, several key/query blocks, a Cv split over programs, ragged multi-group programs.
+TILE_CFG = dict(kind="tile", BLOCK_L=16, BLOCK_DK=16, BLOCK_DV=16, GROUPS_PER_PROG=3, num_warps=4, num_stages=1)
+FLASH_FWD_CFG = dict(kind="flash", BLOCK_M=32, BLOCK_N=16, BLOCK_DK=64, BLOCK_DV=16, num_warps=4, num_stages=1)
+FLASH_BWD_MULTI = dict(kind="flash", BLOCK_M=16, BLOCK_N=32, BLOCK_DK=64, BLOCK_DV=16, DV_BLOCK=32, DELTA_DV=16,
+                       num_warps=4, num_stages=1)
+FLASH_BWD_ONE = dict(kind="flash", BLOCK_M=32, BLOCK_N=16, BLOCK_DK=64, BLOCK_DV=64, DELTA_DV=32,
+                     num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fwd_cfg,bwd_cfg,shape,block,pattern", [
+    pytest.param(TILE_CFG, TILE_CFG, (2, 40, 24, 8, 8), (2, 2), "short", id="tile_chunks_ragged_groups"),
+    pytest.param(FLASH_FWD_CFG, FLASH_BWD_MULTI, (1, 40, 40, 8, 11), (1, 1), "long", id="flash_cv_split"),
+    pytest.param(FLASH_FWD_CFG, FLASH_BWD_ONE, (2, 24, 40, 6, 7), (1, 1), "long", id="flash_one_cv_chunk"),
+])
+def test_every_kernel_loop_and_branch_matches_fp64(interpret, dtype, fwd_cfg, bwd_cfg, shape, block, pattern):
+    n, cqk, cv, h, w = shape
+    q, k, v, grad = _inputs(n, cqk, cv, h, w, dtype, "nchw", seed=1)
+    scale = 0.3
+    long_range = pattern == "long"
+
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b, c):
+            out, lse = kernels._forward_impl(a, b, c, long_range, block[0], block[1], scale, fwd_cfg)
+            ctx.save_for_backward(a, b, c, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, do):
+            a, b, c, out, lse = ctx.saved_tensors
+            return kernels._backward_impl(do, a, b, c, out, lse, long_range, block[0], block[1], scale, bwd_cfg)
+
+    _check_against_fp64(_Fn.apply, q, k, v, grad, pattern, block, scale)
+
+
+def test_torch_compile_fullgraph_runs_the_custom_op(interpret):
+    """The op traces without graph breaks (fake impl + autograd formula) and matches eager."""
+    q, k, v, grad = _inputs(1, 16, 16, 8, 8, torch.float32, "nchw", seed=2)
+
+    def fn(a, b, c):
+        return sparse_attention(a, b, c, "short", (4, 4), backend="triton") * 2.0
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out, grads = _run(compiled, q, k, v, grad)
+    ref_out, ref_grads = _run(lambda a, b, c: eager_attention(a, b, c, "short", (4, 4), 0.25) * 2.0, q, k, v, grad)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_output_and_grads_keep_the_input_memory_format(interpret):
+    q, k, v, grad = _inputs(1, 16, 16, 8, 8, torch.float32, "channels_last")
+    out, (dq, dk, dv) = _run(lambda a, b, c: sparse_attention(a, b, c, "long", (4, 4), backend="triton"),
+                             q, k, v, grad)
+    for t in (out, dq, dk, dv):
+        assert t.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_custom_op_passes_torch_library_opcheck(interpret):
+    q, k, v, _ = _inputs(1, 16, 16, 8, 8, torch.float32, "nchw")
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 4, 4, 0.25)
+    torch.library.opcheck(kernels._FWD_OP, args, test_utils=("test_schema", "test_faketensor",
+                                                              "test_autograd_registration"))
+
+
+def test_interpreter_refuses_bfloat16(interpret):
+    q = torch.randn(1, 16, 8, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16"):
+        sparse_attention(q, q, q, "short", (4, 4), backend="triton")
+
+
+def test_triton_on_cpu_without_interpreter_says_how_to_enable_it(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 16, 8, 8)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        sparse_attention(q, q, q, "short", (4, 4), backend="triton")
+
+
+def test_triton_refuses_float64_with_a_fix(interpret):
+    q = torch.randn(1, 16, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float32, float16 and bfloat16"):
+        sparse_attention(q, q, q, "short", (4, 4), backend="triton")
+
+
+def test_auto_stays_eager_on_cpu_even_under_the_interpreter(interpret):
+    from isa_triton.attention import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "eager"
+
+
+def test_backward_keeps_only_the_log_sum_exp_not_the_attention_matrix(interpret):
+    """Saved for backward beyond q, k, v, out: the fp32 LSE (N*G*L floats), nothing O(L^2)."""
+    from isa_triton.checks import saved_bytes
+
+    q, k, v, _ = _inputs(2, 16, 24, 16, 32, torch.float16, "nchw")
+    for pattern, block in (("long", (4, 4)), ("short", (4, 8))):
+        saved = saved_bytes(lambda a, b, c: sparse_attention(a, b, c, pattern, block, backend="triton"), q, k, v)
+        assert saved == 2 * 16 * 32 * 4  # N * H * W fp32 values = N * G * L
+        eager = saved_bytes(lambda a, b, c: sparse_attention(a, b, c, pattern, block, backend="eager"), q, k, v)
+        assert eager > 4 * saved

@@ -182,6 +182,10 @@ class ISAHead(nn.Module):
         if pad_h or pad_w:
             # zeros before the projections, the odd pixel bottom/right, no mask (checkpoint-faithful)
             x = F.pad(x, (left, pad_w - left, top, pad_h - top))
+        if x.is_cuda:
+            # channels_last makes q/k/v token rows contiguous channel vectors: the Triton long-range
+            # kernels then read 16-byte segments instead of 2-byte gathers (one cheap copy here)
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.global_relation(x, "long", self.down_factor)
         x = self.local_relation(x, "short", self.down_factor)
         if pad_h or pad_w:

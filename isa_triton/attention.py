@@ -106,13 +106,17 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: s
     return from_groups(out, pattern, block_size, n, h, w)
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+                    gather: bool = False) -> str:
     """Pick the concrete backend for `backend` ('auto' honours $ISA_BACKEND).
 
-    'auto' is the fused Triton kernels on a CUDA GPU they run on (compute capability 8.0+, an fp32,
-    fp16 or bf16 input); otherwise SDPA on CUDA and the eager path elsewhere (on the CPU eager was
-    as fast as or faster than SDPA at ISA's sizes). Setting TRITON_INTERPRET=1 does not change
-    'auto': the interpreter is only for testing the kernels with backend='triton'.
+    'auto' is the fused Triton kernels where they were measured faster (H100, BENCHMARKS.md): a
+    CUDA GPU of compute capability 8.0+, fp16 or bf16 inputs, and for the long-range pattern
+    channels_last inputs (`gather=False`). Elsewhere it is the eager path, which beat SDPA at every
+    ISA shape on the H100 and on the CPU: fp32 Triton kernels use exact FMA dot products (an
+    accuracy path, about 2x slower than cuBLAS), and NCHW long-range groups need element gathers.
+    Setting TRITON_INTERPRET=1 does not change 'auto': the interpreter is only for testing the
+    kernels with backend='triton'.
     """
     if backend == "auto":
         backend = os.environ.get("ISA_BACKEND", "auto") or "auto"
@@ -120,12 +124,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r} (check $ISA_BACKEND)")
     if backend != "auto":
         return backend
-    if device.type == "cuda":
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not gather:
         from . import kernels
 
-        if kernels.cuda_supported(device) and (dtype is None or dtype in kernels.SUPPORTED_DTYPES):
+        if kernels.cuda_supported(device):
             return "triton"
-        return "sdpa"
     return "eager"
 
 
@@ -143,7 +146,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     check_inputs(q, k, v, pattern, block)
     if scale is None:
         scale = q.shape[1] ** -0.5
-    name = resolve_backend(backend, q.device, q.dtype)
+    gather = pattern == "long" and any(t.stride(1) != 1 for t in (q, k, v))
+    name = resolve_backend(backend, q.device, q.dtype, gather)
     if name == "triton":
         from .kernels import triton_attention
 

@@ -139,3 +139,10 @@ def test_kernel_benchmark_table_runs_on_cpu_for_the_eager_paths():
     assert rows[1]["fwd_speedup_vs_eager"] > 0
     assert bench.flops(1, 128, 256, "long", 256, 512, False) == 2 * 64 * 512 ** 2 * 768
     assert bench.format_row(rows[0]).startswith("ade20k")
+
+
+def test_auto_avoids_triton_where_it_was_measured_slower():
+    """fp32 (exact FMA path) and NCHW long-range gathers stay eager even on a GPU (BENCHMARKS.md)."""
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", cuda, torch.float32) == "eager"
+    assert resolve_backend("auto", cuda, torch.bfloat16, gather=True) == "eager"

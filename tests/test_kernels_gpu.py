@@ -46,6 +46,7 @@ def test_gpu_forward_and_grads_within_twice_eager_error(case):
 
 def test_auto_picks_triton_on_this_gpu():
     assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "triton"
+    assert resolve_backend("auto", torch.device("cuda"), torch.float16) == "triton"
 
 
 def test_no_attention_matrix_is_saved_for_backward():

@@ -109,7 +109,7 @@ def test_evaluate_under_ddp_shards_images_and_sums_counts(tmp_path):
     import torch.multiprocessing as mp
     dataset = make_dataset(tmp_path)  # 5 images: ranks take 3 and 2, nothing duplicated
     single = evaluate(StandIn(), dataset, settings=SETTINGS, num_workers=0, progress=False)
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork after torch has started its thread pools can deadlock
     queue = ctx.Queue()
     init_file = os.path.join(tempfile.mkdtemp(), "init")
     procs = [ctx.Process(target=_ddp_worker, args=(r, 2, init_file, tmp_path, queue)) for r in range(2)]

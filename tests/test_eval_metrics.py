@@ -160,7 +160,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, queue) -> None:
 
 def test_compute_sums_over_ddp_ranks():
     import torch.multiprocessing as mp
-    ctx = mp.get_context("fork")  # no re-import of torch in the children: seconds instead of ~20 s
+    ctx = mp.get_context("spawn")  # fork after torch has started its thread pools can deadlock
     queue = ctx.Queue()
     init_file = os.path.join(tempfile.mkdtemp(), "init")
     procs = [ctx.Process(target=_ddp_worker, args=(r, 2, init_file, queue)) for r in range(2)]

@@ -274,41 +274,88 @@ BWD_SWEEP = {
              num_stages=1),
     ],
 }
+# The one-pass backward (kernels._bwd_fused_kernel, FUSED_DQ): whole Cqk/Cv rows per tile (BLOCK_DK,
+# BLOCK_DV filled in by `sweep_config`), dQ by fp32 atomics. The first of each list is
+# kernels.fused_bwd_config's choice; all compile for sm_90a without spills (tests/test_kernel_compile.py).
+BWD_SWEEP["contiguous"] += [
+    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DELTA_DV=128, num_warps=8, num_stages=2),
+    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_CHUNK=64, DELTA_DV=128, num_warps=8, num_stages=2),
+    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DELTA_DV=128, num_warps=8, num_stages=3),
+    dict(kind="flash", FUSED_DQ=True, BLOCK_M=16, BLOCK_N=32, DELTA_DV=128, num_warps=8, num_stages=2),
+    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=16, DELTA_DV=128, num_warps=4, num_stages=2),
+]
+BWD_SWEEP["gather"] += [
+    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DELTA_DV=32, num_warps=8, num_stages=1),
+    dict(kind="flash", FUSED_DQ=True, BLOCK_M=16, BLOCK_N=32, DELTA_DV=32, num_warps=8, num_stages=2),
+]
+
+
+def sweep_config(cfg: Dict, cqk: int, cv: int) -> Dict:
+    """A sweep entry completed for Cqk/Cv: BLOCK_DK (whole Cqk), and BLOCK_DV (whole Cv) for FUSED_DQ."""
+    np2 = lambda c: max(16, 1 << (c - 1).bit_length())  # noqa: E731
+    cfg = dict(cfg, BLOCK_DK=np2(cqk))
+    if cfg.get("FUSED_DQ"):
+        cfg.setdefault("BLOCK_DV", np2(cv))
+    return cfg
 
 
 def run_sweep(dtype: torch.dtype = torch.bfloat16, case: str = "cityscapes_whole", n: int = 1,
               cqk: int = 256, cv: int = 512, warmup: int = 10, rep: int = 40, deadline: Optional[float] = None,
-              log: Callable[[str], None] = print, device: str = "cuda") -> List[Dict]:
-    """Time alternative launch configs of the long-range (flash) kernels; the first of each list is the default."""
+              log: Callable[[str], None] = print, device: str = "cuda",
+              bwd_batches: Sequence[int] = (1, 8)) -> List[Dict]:
+    """Time alternative launch configs of the long-range (flash) kernels; the first of each list is the default.
+
+    The forward is timed at batch `n`; the channels_last backward at each of `bwd_batches` (the
+    four-kernel backward and the one-pass FUSED_DQ one side by side), the NCHW backward at `n`.
+    Ends with one summary line per (layout, batch): best old vs best fused backward.
+    """
     from . import kernels
 
     h, w = CASES[case]
     scale = cqk ** -0.5
     rows = []
     for layout, kind in (("channels_last", "contiguous"), ("nchw", "gather")):
-        q, k, v = make_inputs(n, cqk, cv, h, w, dtype, layout, device)
-        out, lse = kernels._forward_impl(q, k, v, True, 8, 8, scale)
-        do = torch.randn_like(out)
-        for which, configs in (("fwd", FWD_SWEEP[kind]), ("bwd", BWD_SWEEP[kind])):
-            for cfg in configs:
-                if deadline is not None and time.monotonic() > deadline:
-                    break
-                cfg = dict(cfg, BLOCK_DK=max(16, 1 << (cqk - 1).bit_length()))
-                row = dict(layout=layout, which=which, case=case, batch=n, config=dict(cfg))
-                try:
-                    if which == "fwd":
-                        call = lambda: kernels._forward_impl(q, k, v, True, 8, 8, scale, cfg)  # noqa: E731
-                    else:
-                        call = lambda: kernels._backward_impl(do, q, k, v, out, lse, True, 8, 8, scale, cfg)  # noqa
-                    call()
-                    row["ms"] = time_ms(call, warmup=warmup, rep=rep)
-                except Exception as exc:
-                    row["error"] = _short(exc)
-                rows.append(row)
-                shown = {k_: v_ for k_, v_ in cfg.items() if k_ != "kind"}
-                log(f"sweep {layout:<14}{which:<4}{row.get('ms', float('nan')):9.3f} ms  {shown}"
-                    + (f"  [{row['error']}]" if "error" in row else ""))
-        del q, k, v, out, lse, do
+        jobs = [("fwd", n, cfg) for cfg in FWD_SWEEP[kind]]
+        for b in (bwd_batches if layout == "channels_last" else (n,)):
+            jobs += [("bwd", b, cfg) for cfg in BWD_SWEEP[kind]]
+        inputs = {}
+        for which, batch, cfg in jobs:
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            if batch not in inputs:
+                inputs.clear()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                q, k, v = make_inputs(batch, cqk, cv, h, w, dtype, layout, device)
+                out, lse = kernels._forward_impl(q, k, v, True, 8, 8, scale)
+                inputs[batch] = (q, k, v, out, lse, torch.randn_like(out))
+            q, k, v, out, lse, do = inputs[batch]
+            cfg = sweep_config(cfg, cqk, cv)
+            variant = "fused" if cfg.get("FUSED_DQ") else ("old" if which == "bwd" else "")
+            row = dict(layout=layout, which=which, case=case, batch=batch, variant=variant, config=dict(cfg))
+            try:
+                if which == "fwd":
+                    call = lambda: kernels._forward_impl(q, k, v, True, 8, 8, scale, cfg)  # noqa: E731
+                else:
+                    call = lambda: kernels._backward_impl(do, q, k, v, out, lse, True, 8, 8, scale, cfg)  # noqa
+                call()
+                row["ms"] = time_ms(call, warmup=warmup, rep=rep)
+            except Exception as exc:
+                row["error"] = _short(exc)
+            rows.append(row)
+            shown = {k_: v_ for k_, v_ in cfg.items() if k_ not in ("kind", "FUSED_DQ")}
+            log(f"sweep {layout:<14}{which:<4} N={batch:<2} {variant:<6}{row.get('ms', float('nan')):9.3f} ms  {shown}"
+                + (f"  [{row['error']}]" if "error" in row else ""))
+        inputs.clear()
+    for layout in ("channels_last", "nchw"):
+        for b in sorted({r["batch"] for r in rows if r["layout"] == layout and r["which"] == "bwd"}):
+            best = {}
+            for var in ("old", "fused"):
+                ms = [r["ms"] for r in rows if r["layout"] == layout and r["which"] == "bwd" and r["batch"] == b
+                      and r["variant"] == var and "ms" in r]
+                best[var] = min(ms) if ms else float("nan")
+            log(f"sweep summary: long bwd {case} {layout} N={b}: best old {best['old']:.3f} ms, best fused "
+                f"{best['fused']:.3f} ms -> {best['old'] / best['fused']:.2f}x")
     return rows
 
 

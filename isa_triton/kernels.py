@@ -23,7 +23,14 @@ Kernels (fp32 accumulation; fp32, fp16 and bf16 inputs):
   programs (BLOCK_DV columns each; an fp32 accumulator of 128 x 512 does not fit one program),
   saving the row log-sum-exp; the backward recomputes P from it: ``_bwd_delta_kernel``
   (rowsum dO*O), ``_bwd_dkdv_kernel`` (dk, and dv when Cv fits one chunk), ``_bwd_dv_kernel``
-  (dv per Cv chunk otherwise) and ``_bwd_dq_kernel``.
+  (dv per Cv chunk otherwise) and ``_bwd_dq_kernel`` -- S = QK^T is recomputed 3+ times and
+  dP = dO V^T twice. The one-pass alternative (config key ``FUSED_DQ``; `fused_backward`, or
+  ``ISA_TRITON_FUSED_BWD=1``; off by default until timed on a GPU) is ``_bwd_fused_kernel``:
+  32 keys per program with dK^T and dV^T (whole Cqk <= 256 and Cv <= 512) accumulated in
+  registers, S and dP computed once per (query block, key block), and dQ added with relaxed
+  fp32 atomics into an (N*G, L, Cqk) fp32 workspace that ``_bwd_dq_cast_kernel`` scales and
+  writes through dQ's strides (transient N*H*W*Cqk*4 bytes; the sum order of dQ varies run
+  to run at the fp32 rounding level).
 
 Launch configurations are fixed per (kernel, dtype, group length, channel counts, layout) by
 `fwd_config`/`bwd_config` (no autotuning; `isa bench kernels --sweep` times alternatives on a GPU);
@@ -44,11 +51,13 @@ What was tested, where:
   reference in fp32 and fp16, error <= 2 x eager's error in the same dtype + atol (1e-6 / 1e-4):
   both patterns; 8x8, 4x8, 2x4, 1x2, 2x2, 1x1 and 16x16 blocks; group lengths 6 to 256 (tile and
   flash paths, partial tiles); Cqk != Cv; several Cqk/Cv chunks and a Cv split over programs;
+  the FUSED_DQ backward (its variants; L = 150-512; through the op and explicit configs);
   NCHW, channels_last, channel-sliced, transposed and column-strided inputs; batch 1-3; only the
   fp32 LSE (N*H*W floats) saved for backward; torch.compile(fullgraph=True, backend="aot_eager")
   of forward+backward; torch.library.opcheck (tests/test_kernels.py, about 35 s).
 - CPU: every fp16/bf16 launch configuration the op picks at the ISA shapes (Cqk 256 / Cv 512; and,
-  marked slow, 64/64 and 16/24), NCHW and channels_last, batch 1 and 8, compiled for sm_90a with
+  marked slow, 64/64 and 16/24), NCHW and channels_last, batch 1 and 8, and the FUSED_DQ backward's
+  configs (the op's and every sweep entry), compiled for sm_90a with
   Triton 3.8 and its ptxas: shared memory <= 227 KB and no register spills
   (tests/test_kernel_compile.py, about 75 s from an empty Triton cache).
 - GPU: scripts/gpu_kernels.py (bf16/fp16/fp32 correctness at the ISA shapes, saved-memory check,
@@ -545,6 +554,116 @@ def _bwd_dq_kernel(
              mask=m_ok[:, None] & dk_ok[None, :])
 
 
+@triton.jit
+def _bwd_fused_kernel(
+    Q, K, V, DO, DQW, DK, DV, LSE, DELTA,
+    sq_n, sq_c, sq_h, sq_w, sk_n, sk_c, sk_h, sk_w, sv_n, sv_c, sv_h, sv_w,
+    sdo_n, sdo_c, sdo_h, sdo_w, sdk_n, sdk_c, sdk_h, sdk_w, sdv_n, sdv_c, sdv_h, sdv_w,
+    L, G, gw, CQK, CV, qk_scale, scale,
+    BH: tl.constexpr, BW: tl.constexpr, LONG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    RELOAD_KV: tl.constexpr, DQ_CHUNK: tl.constexpr, PREC: tl.constexpr,
+):
+    """Long groups, one pass: dK, dV of BLOCK_N keys and their dQ share (fp32 atomics), all queries.
+
+    Whole Cqk (BLOCK_DK) and Cv (BLOCK_DV) rows per tile: S = Q K^T and dP = dO V^T are computed
+    once per (query block, key block) pair and give dV^T += dO^T P, dK^T += Q^T dS (accumulated
+    as (channels, keys): M = Cqk / Cv, wgmma-shaped on sm_90) and dQ += dS K, added with relaxed
+    fp32 atomics into the workspace DQW laid out (group, token, Cqk) (`_bwd_dq_cast_kernel`
+    scales and stores it). RELOAD_KV re-reads the K/V tiles per query block instead of keeping
+    them live; DQ_CHUNK < BLOCK_DK computes dQ by Cqk chunks.
+    """
+    per_group = (L + BLOCK_N - 1) // BLOCK_N
+    pid = tl.program_id(0)
+    bg = pid // per_group
+    n_blk = pid % per_group
+    n = (bg // G).to(tl.int64)
+    grp = bg % G
+    offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < L
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    dk_ok = offs_dk < CQK
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < CV
+    pk = _pixel_offset(offs_n, grp, gw, sk_h, sk_w, BH, BW, LONG)
+    pv = _pixel_offset(offs_n, grp, gw, sv_h, sv_w, BH, BW, LONG)
+    dqw_base = DQW + bg.to(tl.int64) * L * CQK + offs_dk[None, :]
+    pdk = _pixel_offset(offs_n, grp, gw, sdk_h, sdk_w, BH, BW, LONG)
+    pdv = _pixel_offset(offs_n, grp, gw, sdv_h, sdv_w, BH, BW, LONG)
+    kt_ptrs = K + n * sk_n + pk[None, :] + offs_dk[:, None] * sk_c
+    vt_ptrs = V + n * sv_n + pv[None, :] + offs_dv[:, None] * sv_c
+    kt_mask = dk_ok[:, None] & n_ok[None, :]
+    vt_mask = dv_ok[:, None] & n_ok[None, :]
+    if not RELOAD_KV:
+        kt = tl.load(kt_ptrs, mask=kt_mask, other=0.0)
+        vt = tl.load(vt_ptrs, mask=vt_mask, other=0.0)
+    dkt_acc = tl.full([BLOCK_DK, BLOCK_N], 0.0, dtype=tl.float32)
+    dvt_acc = tl.full([BLOCK_DV, BLOCK_N], 0.0, dtype=tl.float32)
+    for start in range(0, L, BLOCK_M):
+        offs_m = start + offs_m0
+        m_ok = offs_m < L
+        pq = _pixel_offset(offs_m, grp, gw, sq_h, sq_w, BH, BW, LONG)
+        pdo = _pixel_offset(offs_m, grp, gw, sdo_h, sdo_w, BH, BW, LONG)
+        q = tl.load(Q + n * sq_n + pq[:, None] + offs_dk[None, :] * sq_c,
+                    mask=m_ok[:, None] & dk_ok[None, :], other=0.0)
+        do = tl.load(DO + n * sdo_n + pdo[:, None] + offs_dv[None, :] * sdo_c,
+                     mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+        lse = tl.load(LSE + bg * L + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + bg * L + offs_m, mask=m_ok, other=0.0)
+        if RELOAD_KV:  # re-read per query block (L2 hits): fewer live registers
+            kt = tl.load(kt_ptrs, mask=kt_mask, other=0.0)
+            vt = tl.load(vt_ptrs, mask=vt_mask, other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC)
+        p = tl.exp2(s * qk_scale - lse[:, None])  # 0 for padded queries
+        p = tl.where(n_ok[None, :], p, 0.0)
+        dp = tl.dot(do, vt, input_precision=PREC)
+        ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty)
+        dvt_acc = tl.dot(tl.trans(do), p.to(DO.dtype.element_ty), dvt_acc, input_precision=PREC)
+        dkt_acc = tl.dot(tl.trans(q), ds, dkt_acc, input_precision=PREC)
+        if DQ_CHUNK >= BLOCK_DK:
+            dq = tl.dot(ds, tl.trans(kt), input_precision=PREC)
+            tl.atomic_add(dqw_base + offs_m[:, None] * CQK, dq, mask=m_ok[:, None] & dk_ok[None, :],
+                          sem="relaxed")
+        else:  # dQ by Cqk chunks (K^T chunk re-read, L2 hits): a smaller live fp32 tile
+            for d0 in tl.static_range(0, BLOCK_DK, DQ_CHUNK):
+                offs_c = d0 + tl.arange(0, DQ_CHUNK)
+                ktc = tl.load(K + n * sk_n + pk[None, :] + offs_c[:, None] * sk_c,
+                              mask=(offs_c < CQK)[:, None] & n_ok[None, :], other=0.0)
+                dq = tl.dot(ds, tl.trans(ktc), input_precision=PREC)
+                tl.atomic_add(DQW + bg.to(tl.int64) * L * CQK + offs_m[:, None] * CQK + offs_c[None, :], dq,
+                              mask=m_ok[:, None] & (offs_c < CQK)[None, :], sem="relaxed")
+    tl.store(DK + n * sdk_n + pdk[None, :] + offs_dk[:, None] * sdk_c, (dkt_acc * scale).to(DK.dtype.element_ty),
+             mask=dk_ok[:, None] & n_ok[None, :])
+    tl.store(DV + n * sdv_n + pdv[None, :] + offs_dv[:, None] * sdv_c, dvt_acc.to(DV.dtype.element_ty),
+             mask=dv_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _bwd_dq_cast_kernel(
+    DQW, DQ, sdq_n, sdq_c, sdq_h, sdq_w, L, G, gw, CQK, scale,
+    BH: tl.constexpr, BW: tl.constexpr, LONG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr,
+):
+    """dQ = scale * the fp32 workspace (group, token, Cqk), written through dQ's strides."""
+    per_group = (L + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    bg = pid // per_group
+    m_blk = pid % per_group
+    n = (bg // G).to(tl.int64)
+    grp = bg % G
+    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < L
+    offs_dk0 = tl.arange(0, BLOCK_DK)
+    pdq = _pixel_offset(offs_m, grp, gw, sdq_h, sdq_w, BH, BW, LONG)
+    ws = DQW + bg.to(tl.int64) * L * CQK + offs_m[:, None] * CQK
+    for d0 in range(0, CQK, BLOCK_DK):
+        offs_dk = d0 + offs_dk0
+        mask = m_ok[:, None] & (offs_dk < CQK)[None, :]
+        x = tl.load(ws + offs_dk[None, :], mask=mask, other=0.0)
+        tl.store(DQ + n * sdq_n + pdq[:, None] + offs_dk[None, :] * sdq_c, (x * scale).to(DQ.dtype.element_ty),
+                 mask=mask)
+
+
 # --------------------------------------------------------------------------------------------
 # Launch plans: fixed configurations per (dtype, group length, channel counts)
 # --------------------------------------------------------------------------------------------
@@ -661,9 +780,58 @@ def fwd_config(dtype: torch.dtype, L: int, cqk: int, cv: int, gather: bool = Fal
                 BLOCK_DV=_chunk(cv, 128 if big else 256), num_warps=8, num_stages=2)
 
 
-def bwd_config(dtype: torch.dtype, L: int, cqk: int, cv: int, gather: bool = False) -> Dict[str, Any]:
-    """Block sizes and launch options of the backward for one problem class (fixed, no autotuning)."""
+# Long-group backward variant: None -> the environment variable ISA_TRITON_FUSED_BWD ("1": fused);
+# True/False force it (see `fused_backward`). Off by default until timed on a GPU (isa bench kernels --sweep).
+FUSED_BWD: Optional[bool] = None
+FUSED_MAX_DK, FUSED_MAX_DV = 256, 512  # the fused backward holds whole Cqk and Cv rows per tile
+
+
+def fused_backward_enabled() -> bool:
+    """Whether `bwd_config` picks the one-pass (FUSED_DQ) backward for long groups."""
+    if FUSED_BWD is not None:
+        return bool(FUSED_BWD)
+    return os.environ.get("ISA_TRITON_FUSED_BWD", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def fused_backward(enabled: bool = True):
+    """Temporarily force (or forbid) the FUSED_DQ long-group backward, e.g. for a timing comparison."""
+    global FUSED_BWD
+    old, FUSED_BWD = FUSED_BWD, enabled
+    try:
+        yield
+    finally:
+        FUSED_BWD = old
+
+
+def fused_bwd_config(dtype: torch.dtype, cqk: int, cv: int, gather: bool = False) -> Dict[str, Any]:
+    """The one-pass long-group backward (`_bwd_fused_kernel`): dK, dV and atomically added dQ.
+
+    BLOCK_N = 32 keys per program keep dK^T (Cqk x 32) and dV^T (Cv x 32) fp32 accumulators in
+    registers (96 per thread with 8 warps at 256/512); compiled for sm_90a without spills
+    (tests/test_kernel_compile.py).
+    """
+    block_dk, block_dv = max(16, _np2(cqk)), max(16, _np2(cv))
+    base = dict(kind="flash", FUSED_DQ=True, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+                DELTA_DV=_chunk(cv, 32 if gather else 128))
+    if dtype == torch.float32:  # FMA dot products: exact, small tiles, not tuned
+        return dict(base, BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if gather:
+        return dict(base, BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
+    return dict(base, BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
+def bwd_config(dtype: torch.dtype, L: int, cqk: int, cv: int, gather: bool = False,
+               fused: Optional[bool] = None) -> Dict[str, Any]:
+    """Block sizes and launch options of the backward for one problem class (fixed, no autotuning).
+
+    `fused` (default: `fused_backward_enabled()`) picks the one-pass FUSED_DQ backward for long
+    groups whose Cqk <= 256 and Cv <= 512; otherwise the four-kernel one.
+    """
     block_dk = max(16, _np2(cqk))
+    fused = fused_backward_enabled() if fused is None else fused
+    if fused and _np2(L) > TILE_MAX and _np2(cqk) <= FUSED_MAX_DK and _np2(cv) <= FUSED_MAX_DV:
+        return fused_bwd_config(dtype, cqk, cv, gather)
     if dtype == torch.float32:
         if _np2(L) <= TILE_MAX:
             block_l = max(16, _np2(L))
@@ -712,7 +880,8 @@ def _fwd_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
 
 def _bwd_plan(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, delta: Optional[torch.Tensor],
-              geo: Geometry, scale: float, config: Optional[Dict[str, int]] = None) -> List[Launch]:
+              geo: Geometry, scale: float, config: Optional[Dict[str, int]] = None,
+              dq_ws: Optional[torch.Tensor] = None) -> List[Launch]:
     L, G, ng = geo.tokens, geo.groups, geo.n * geo.groups
     cqk, cv = q.shape[1], v.shape[1]
     cfg = dict(config or bwd_config(q.dtype, L, cqk, cv, is_gather(geo.long_range, q, k, v, do)))
@@ -729,6 +898,7 @@ def _bwd_plan(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                     **_strides(dv, "sdv"), NG=ng, qk_scale=scale * _LOG2E, scale=scale, **sizes)
         return [Launch(_bwd_tile_kernel, (triton.cdiv(ng, gpp),), args, cx, warps, stages, "bwd_tile")]
     assert delta is not None
+    fused = cfg.pop("FUSED_DQ", False)
     bm, bn, bdk, bdv = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_DK"), cfg.pop("BLOCK_DV")
     blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DV=bdv)
     one_chunk = cv <= bdv
@@ -738,6 +908,23 @@ def _bwd_plan(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         _bwd_delta_kernel, (triton.cdiv(L, 64) * ng,),
         dict(O=out, DO=do, DELTA=delta, **_strides(out, "so"), **_strides(do, "sdo"), L=L, G=G, gw=geo.gw, CV=cv),
         dict(_geo_args(geo), BLOCK_M=64, BLOCK_DV=delta_dv), 4, 1, "bwd_delta"))
+    if fused:
+        if bdk < cqk or bdv < cv:
+            raise ValueError(f"FUSED_DQ backward holds all of Cqk and Cv per tile: BLOCK_DK {bdk} >= {cqk} and "
+                             f"BLOCK_DV {bdv} >= {cv} needed")
+        assert dq_ws is not None and dq_ws.dtype == torch.float32 and dq_ws.numel() >= ng * L * cqk
+        plans.append(Launch(
+            _bwd_fused_kernel, (triton.cdiv(L, bn) * ng,),
+            dict(Q=q, K=k, V=v, DO=do, DQW=dq_ws, DK=dk, DV=dv, LSE=lse, DELTA=delta, **_strides(q, "sq"),
+                 **_strides(k, "sk"), **_strides(v, "sv"), **_strides(do, "sdo"), **_strides(dk, "sdk"),
+                 **_strides(dv, "sdv"), qk_scale=scale * _LOG2E, scale=scale, **sizes),
+            dict(geo_cx, RELOAD_KV=cfg.pop("RELOAD_KV", False), DQ_CHUNK=cfg.pop("DQ_CHUNK", bdk), **blocks),
+            warps, stages, "bwd_fused"))
+        plans.append(Launch(
+            _bwd_dq_cast_kernel, (triton.cdiv(L, 64) * ng,),
+            dict(DQW=dq_ws, DQ=dq, **_strides(dq, "sdq"), L=L, G=G, gw=geo.gw, CQK=cqk, scale=scale),
+            dict(_geo_args(geo), BLOCK_M=64, BLOCK_DK=_chunk(cqk, 64)), 4, 1, "bwd_dq_cast"))
+        return plans
     plans.append(Launch(
         _bwd_dkdv_kernel, (triton.cdiv(L, bn) * ng,),
         dict(Q=q, K=k, V=v, DO=do, DK=dk, DV=dv, LSE=lse, DELTA=delta, **_strides(q, "sq"), **_strides(k, "sk"),
@@ -851,8 +1038,11 @@ def _launch(plans: Sequence[Launch], device: torch.device) -> None:
 
 
 def launch_plans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, block_size: Tuple[int, int],
-                 scale: Optional[float] = None, backward: bool = True) -> List[Launch]:
-    """The launches the op makes for these inputs (meta tensors are fine): used by the compile test."""
+                 scale: Optional[float] = None, backward: bool = True,
+                 bwd_cfg: Optional[Dict[str, Any]] = None) -> List[Launch]:
+    """The launches the op makes for these inputs (meta tensors are fine): used by the compile test.
+
+    `bwd_cfg` replaces the default backward configuration (e.g. a sweep entry)."""
     geo = Geometry(q.shape[0], q.shape[2], q.shape[3], block_size[0], block_size[1], pattern == "long")
     scale = q.shape[1] ** -0.5 if scale is None else scale
     out = torch.empty_like(v)
@@ -860,7 +1050,10 @@ def launch_plans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str
     plans = _fwd_plan(q, k, v, out, lse, geo, scale)
     if backward:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        plans += _bwd_plan(out, q, k, v, out, lse, dq, dk, dv, torch.empty_like(lse), geo, scale)
+        cfg = bwd_cfg or bwd_config(q.dtype, geo.tokens, q.shape[1], v.shape[1],
+                                    is_gather(geo.long_range, q, k, v))
+        ws = _dq_workspace(q, geo, cfg)
+        plans += _bwd_plan(out, q, k, v, out, lse, dq, dk, dv, torch.empty_like(lse), geo, scale, cfg, ws)
     return plans
 
 
@@ -879,6 +1072,13 @@ def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, long_range:
     return out, lse
 
 
+def _dq_workspace(q: torch.Tensor, geo: Geometry, cfg: Dict[str, Any]) -> Optional[torch.Tensor]:
+    """The zeroed fp32 (group, token, Cqk) dQ accumulator of the FUSED_DQ backward (None otherwise)."""
+    if not cfg.get("FUSED_DQ"):
+        return None
+    return torch.zeros(geo.n * geo.groups, geo.tokens, q.shape[1], device=q.device, dtype=torch.float32)
+
+
 def _backward_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, long_range: bool, block_h: int, block_w: int, scale: float,
                    config: Optional[Dict[str, int]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -888,7 +1088,8 @@ def _backward_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         return dq.zero_(), dk.zero_(), dv.zero_()
     cfg = config or bwd_config(q.dtype, geo.tokens, q.shape[1], v.shape[1], is_gather(long_range, q, k, v, do))
     delta = torch.empty_like(lse) if cfg["kind"] == "flash" else None
-    _launch(_bwd_plan(do, q, k, v, out, lse, dq, dk, dv, delta, geo, scale, cfg), q.device)
+    ws = _dq_workspace(q, geo, cfg)
+    _launch(_bwd_plan(do, q, k, v, out, lse, dq, dk, dv, delta, geo, scale, cfg, ws), q.device)
     return dq, dk, dv
 
 

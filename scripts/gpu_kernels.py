@@ -10,10 +10,12 @@ Phases (each one's failure is recorded and the next still runs; the JSON is alwa
    (they fill Triton's disk cache, so the timed phases never wait for a compile);
 1. correctness: forward, dq, dk, dv against fp64 eager, bf16/fp16/fp32, at the ISA shapes, NCHW and
    channels_last, both patterns: error <= 2 x eager's error in the same dtype + atol (isa_triton.checks);
+   then the long-range cases again through the one-pass FUSED_DQ backward ("fused-bwd" rows);
 2. memory: bytes saved for backward (must be the fp32 LSE only, no O(L^2) matrix) and peak memory;
 3. torch.compile(fullgraph=True) of forward+backward through the custom op (inductor);
 4. benchmark: `isa bench kernels` rows (bf16; triton, eager, sdpa; batch 1 and 8; both layouts);
-5. config sweep of the long-range kernels (defaults first), then FlexAttention, while time is left.
+5. config sweep of the long-range kernels (defaults first; the channels_last backward at batch 1 and 8,
+   four-kernel "old" and one-pass "fused" side by side, with a summary line), then FlexAttention.
 Exit status 1 when a correctness, memory or compile check fails.
 """
 from __future__ import annotations
@@ -57,6 +59,10 @@ CORRECTNESS = [
     ("fp32", 64, 88, "long", "channels_last", 1),
     ("fp32", 104, 104, "short", "nchw", 1),
 ]
+# The same check through the one-pass long-range backward (kernels.fused_backward(True), FUSED_DQ):
+# long L = 512 and 169, bf16/fp16/fp32, both layouts
+CORRECTNESS_FUSED = [(d, h, w, "long", lay, n) for d in ("bf16", "fp16", "fp32")
+                     for h, w, n in ((128, 256, 1), (104, 104, 2)) for lay in ("channels_last", "nchw")]
 
 
 MEM_DTYPE = "bf16"
@@ -70,12 +76,14 @@ SWEEP_CASE = "cityscapes_whole"
 def dry_run_setup() -> None:
     """CPU rehearsal: interpreter, small channels, small maps, fp16 instead of bf16, one bench case."""
     global DEVICE, CQK, CV, CORRECTNESS, MEM_DTYPE, BENCH_CASES, BENCH_BACKENDS, BENCH_BATCHES, SWEEP_CASE
+    global CORRECTNESS_FUSED
     global MEM_SHAPE, COMPILE_SHAPE
     os.environ["TRITON_INTERPRET"] = "1"
     DEVICE, CQK, CV, MEM_DTYPE = "cpu", 16, 24, "fp16"
     MEM_SHAPE, COMPILE_SHAPE = (16, 32), (16, 16)
     CORRECTNESS = [("fp16" if d == "bf16" else d, 16, 24 if p == "long" else 16, p, lay, min(n, 2))
                    for d, h, w, p, lay, n in CORRECTNESS[:4] + CORRECTNESS[-2:]]
+    CORRECTNESS_FUSED = [("fp16", 96, 96, "long", "channels_last", 1)]  # L = 144: the flash path
     BENCH_CASES, BENCH_BACKENDS, BENCH_BATCHES, SWEEP_CASE = ("ade20k",), ("eager", "sdpa"), (1,), "dry_run"
     bench.CASES["dry_run"] = (16, 24)
 
@@ -89,10 +97,11 @@ def _warm(task) -> str:
     dtype, h, w, pattern, layout, n, cfg = task
     try:
         q, k, v = bench.make_inputs(n, CQK, CV, h, w, DT[dtype], layout, DEVICE)
-        if cfg is None:
+        if cfg is None or cfg == "fused":
             q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-            out = sparse_attention(q, k, v, pattern, (8, 8), backend="triton")
-            out.backward(torch.ones_like(out))
+            with kernels.fused_backward(cfg == "fused"):
+                out = sparse_attention(q, k, v, pattern, (8, 8), backend="triton")
+                out.backward(torch.ones_like(out))
         else:
             which, config = cfg
             out, lse = kernels._forward_impl(q, k, v, pattern == "long", 8, 8, CQK ** -0.5,
@@ -122,14 +131,15 @@ def bench_tasks() -> list:
     for lay, kind in (("channels_last", "contiguous"), ("nchw", "gather")):
         for which, sweep in (("fwd", bench.FWD_SWEEP), ("bwd", bench.BWD_SWEEP)):
             for cfg in sweep[kind][1:]:
-                tasks.append(("bf16", 128, 256, "long", lay, 1, (which, dict(cfg, BLOCK_DK=256))))
+                tasks.append(("bf16", 128, 256, "long", lay, 1, (which, bench.sweep_config(cfg, 256, 512))))
     return tasks
 
 
 def precompile(workers: int, dry_run: bool = False) -> dict:
     tasks = [(d, h, w, p, lay, n, None) for d, h, w, p, lay, n in CORRECTNESS]
+    tasks += [(d, h, w, p, lay, n, "fused") for d, h, w, p, lay, n in CORRECTNESS_FUSED]
     if dry_run:
-        tasks = tasks[:2]
+        tasks = tasks[:2] + tasks[-1:]
     else:
         tasks += bench_tasks()
     tasks = list(dict.fromkeys((t[:6] + (json.dumps(t[6]),)) for t in tasks))
@@ -156,19 +166,23 @@ def copy_bandwidth() -> float:
 
 def check_correctness() -> list:
     rows = []
-    for dtype, h, w, pattern, layout, n in CORRECTNESS:
+    cases = [c + (False,) for c in CORRECTNESS] + [c + (True,) for c in CORRECTNESS_FUSED]
+    for dtype, h, w, pattern, layout, n, fused in cases:
         q, k, v = bench.make_inputs(n, CQK, CV, h, w, DT[dtype], layout, DEVICE, seed=7)
         try:
-            res = errors_vs_fp64(q, k, v, pattern, (8, 8), backend="triton")
+            with kernels.fused_backward(fused):
+                res = errors_vs_fp64(q, k, v, pattern, (8, 8), backend="triton")
             ok = all(r["ok"] for r in res.values())
-            row = dict(dtype=dtype, h=h, w=w, pattern=pattern, layout=layout, batch=n, ok=ok, errors=res)
+            row = dict(dtype=dtype, h=h, w=w, pattern=pattern, layout=layout, batch=n, fused_bwd=fused, ok=ok,
+                       errors=res)
             detail = "  ".join(f"{name} {r['err']:.2e}/{r['eager_err']:.2e}" for name, r in res.items())
         except Exception as exc:
-            row = dict(dtype=dtype, h=h, w=w, pattern=pattern, layout=layout, batch=n, ok=False,
+            row = dict(dtype=dtype, h=h, w=w, pattern=pattern, layout=layout, batch=n, fused_bwd=fused, ok=False,
                        error=traceback.format_exc(limit=3))
             detail = f"{type(exc).__name__}: {exc}"
         rows.append(row)
-        log(f"{'PASS' if row['ok'] else 'FAIL'} {dtype} {h}x{w} {pattern:<5} {layout:<13} N={n}  "
+        log(f"{'PASS' if row['ok'] else 'FAIL'} {dtype} {h}x{w} {pattern:<5} {layout:<13} N={n} "
+            f"{'fused-bwd' if fused else 'default  '}  "
             f"(triton/eager max err) {detail}")
         del q, k, v
         if DEVICE == "cuda":
@@ -232,6 +246,8 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=225,
                         help="seconds for the whole run; benchmark rows, sweep and FlexAttention are trimmed to fit")
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1), help="precompile processes")
+    parser.add_argument("--skip", nargs="+", default=[], choices=("memory", "compile", "benchmark", "sweep", "flex"),
+                        help="phases to leave out (e.g. --skip benchmark flex: correctness and the sweep only)")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU rehearsal of every phase: Triton interpreter, tiny channels, fp16 for bf16")
     args = parser.parse_args()
@@ -283,21 +299,25 @@ def main() -> int:
     rows = phase("correctness", check_correctness)
     if isinstance(rows, list) and not all(r["ok"] for r in rows):
         result["failures"].append("correctness")
-    mem = phase("memory", check_memory)
-    if isinstance(mem, list) and not all(r["ok"] for r in mem):
-        result["failures"].append("memory")
-    comp = phase("compile", check_compile)
-    if isinstance(comp, dict) and not comp.get("ok"):
-        result["failures"].append("compile")
+    if "memory" not in args.skip:
+        mem = phase("memory", check_memory)
+        if isinstance(mem, list) and not all(r["ok"] for r in mem):
+            result["failures"].append("memory")
+    if "compile" not in args.skip:
+        comp = phase("compile", check_compile)
+        if isinstance(comp, dict) and not comp.get("ok"):
+            result["failures"].append("compile")
 
-    log("\n" + bench.HEADER)
     bdt = DT[MEM_DTYPE]
-    phase("benchmark", lambda: bench.run_benchmark(
-        bdt, cases=BENCH_CASES, backends=BENCH_BACKENDS, batches=BENCH_BATCHES, cqk=CQK, cv=CV, warmup=5, rep=25,
-        deadline=deadline - 30, log=log, device=DEVICE), critical=False)
-    phase("sweep", lambda: bench.run_sweep(bdt, case=SWEEP_CASE, cqk=CQK, cv=CV, warmup=5, rep=25,
-                                           deadline=deadline - 10, log=log, device=DEVICE), critical=False)
-    if time.monotonic() < deadline - 40 and DEVICE == "cuda":  # a FlexAttention compile takes tens of seconds
+    if "benchmark" not in args.skip:
+        log("\n" + bench.HEADER)
+        phase("benchmark", lambda: bench.run_benchmark(
+            bdt, cases=BENCH_CASES, backends=BENCH_BACKENDS, batches=BENCH_BATCHES, cqk=CQK, cv=CV, warmup=5,
+            rep=25, deadline=deadline - 30, log=log, device=DEVICE), critical=False)
+    if "sweep" not in args.skip:
+        phase("sweep", lambda: bench.run_sweep(bdt, case=SWEEP_CASE, cqk=CQK, cv=CV, warmup=5, rep=25,
+                                               deadline=deadline - 10, log=log, device=DEVICE), critical=False)
+    if "flex" not in args.skip and time.monotonic() < deadline - 40 and DEVICE == "cuda":  # a Flex compile: tens of s
         phase("flex", lambda: bench.run_benchmark(
             torch.bfloat16, cases=("cityscapes_whole",), batches=(1,), layouts=("nchw",), backends=("flex",),
             warmup=5, rep=25, deadline=deadline, log=log), critical=False)

@@ -99,19 +99,38 @@ ISA_CASES = [
 ]
 
 
-def all_launches(dtypes=(torch.float16, torch.bfloat16), channels=((256, 512), (64, 64), (16, 24))):
-    """Distinct launch configurations (kernel, constexprs, warps, stages) over ISA-like problems."""
+def all_launches(dtypes=(torch.float16, torch.bfloat16), channels=((256, 512), (64, 64), (16, 24)), fused=False):
+    """Distinct launch configurations (kernel, constexprs, warps, stages) over ISA-like problems.
+
+    `fused`: with the one-pass FUSED_DQ long-range backward (`kernels.fused_backward(True)`)."""
     seen = {}
-    for dtype in dtypes:
-        for cqk, cv in channels:
-            for h, w, pattern in ISA_CASES:
-                for cl in (False, True):
-                    for n in (1, 8):
-                        q = _meta(n, cqk, h, w, dtype, cl)
-                        v = _meta(n, cv, h, w, dtype, cl)
-                        for launch in kernels.launch_plans(q, q, v, pattern, (8, 8)):
-                            key = launch.config_key() + (dtype, cl)
-                            seen.setdefault(key, launch)
+    with kernels.fused_backward(fused):
+        for dtype in dtypes:
+            for cqk, cv in channels:
+                for h, w, pattern in ISA_CASES:
+                    for cl in (False, True):
+                        for n in (1, 8):
+                            q = _meta(n, cqk, h, w, dtype, cl)
+                            v = _meta(n, cv, h, w, dtype, cl)
+                            for launch in kernels.launch_plans(q, q, v, pattern, (8, 8)):
+                                key = launch.config_key() + (dtype, cl)
+                                seen.setdefault(key, launch)
+    return seen
+
+
+def fused_sweep_launches(dtype, cqk=256, cv=512):
+    """The FUSED_DQ backward kernels of every `isa bench kernels --sweep` entry (128x256, ISA channels)."""
+    from isa_triton import bench
+
+    seen = {}
+    for cl, kind in ((True, "contiguous"), (False, "gather")):
+        q = _meta(1, cqk, 128, 256, dtype, cl)
+        v = _meta(1, cv, 128, 256, dtype, cl)
+        for cfg in bench.BWD_SWEEP[kind]:
+            if cfg.get("FUSED_DQ"):
+                for launch in kernels.launch_plans(q, q, v, "long", (8, 8), bwd_cfg=bench.sweep_config(cfg, cqk, cv)):
+                    if launch.name == "bwd_fused":
+                        seen.setdefault(launch.config_key() + (dtype, cl), launch)
     return seen
 
 
@@ -119,7 +138,7 @@ def _check(launches):
     failures, rows = [], []
     for launch in launches.values():
         stats = compile_sm90(launch)
-        blocks = {k: v for k, v in launch.constexprs.items() if k.startswith(("BLOCK", "GROUPS"))}
+        blocks = {k: v for k, v in launch.constexprs.items() if k.startswith(("BLOCK", "GROUPS", "DQ_", "RELOAD"))}
         rows.append(f"{launch.name:<10} {blocks} warps={launch.num_warps} stages={launch.num_stages}: "
                     f"smem {stats['shared']} B, {stats['regs']} regs, spills {stats['spill_stores']}/{stats['spill_loads']}")
         if stats["shared"] > H100_SMEM:
@@ -138,6 +157,16 @@ def test_isa_launch_configs_fit_an_h100(dtype):
     _check(all_launches(dtypes=(dtype,), channels=((256, 512),)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_fused_backward_configs_fit_an_h100(dtype):
+    """The one-pass FUSED_DQ backward: the op's choice at Cqk 256 / Cv 512 and every sweep entry."""
+    launches = {k: v for k, v in all_launches(dtypes=(dtype,), channels=((256, 512),), fused=True).items()
+                if v.name in ("bwd_fused", "bwd_dq_cast")}
+    launches.update(fused_sweep_launches(dtype))
+    assert {v.name for v in launches.values()} == {"bwd_fused", "bwd_dq_cast"}
+    _check(launches)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_other_channel_counts_fit_an_h100(dtype):
@@ -151,6 +180,11 @@ def test_launch_plans_cover_both_paths_and_layouts():
                                                                      channels=((256, 512),)).items()}
     for name in ("fwd_tile", "bwd_tile", "fwd_flash", "bwd_delta", "bwd_dkdv", "bwd_dv", "bwd_dq"):
         assert (name, False) in names and (name, True) in names, name
+    fused = {(launch.name, key[-1]) for key, launch in all_launches(dtypes=(torch.bfloat16,), channels=((256, 512),),
+                                                                     fused=True).items()}
+    for name in ("bwd_fused", "bwd_dq_cast"):
+        assert (name, False) in fused and (name, True) in fused, name
+    assert not {n for n, _ in fused} & {"bwd_dkdv", "bwd_dv", "bwd_dq"}
 
 
 def test_interpreted_runs_leave_triton_able_to_compile(monkeypatch):

@@ -201,3 +201,80 @@ def test_backward_keeps_only_the_log_sum_exp_not_the_attention_matrix(interpret)
         assert saved == 2 * 16 * 32 * 4  # N * H * W fp32 values = N * G * L
         eager = saved_bytes(lambda a, b, c: sparse_attention(a, b, c, pattern, block, backend="eager"), q, k, v)
         assert eager > 4 * saved
+
+
+# The one-pass long-group backward (FUSED_DQ): dK, dV per key block, dQ added atomically into an
+# fp32 workspace. Explicit configs force the dQ Cqk chunking (4 chunks of 16 over Cqk 40: one
+# partial, one empty), K/V re-reads, partial key and query tiles (L = 169) and Cqk != Cv.
+def _fused_cfg(cqk, cv, **kw):
+    cfg = dict(kind="flash", FUSED_DQ=True, BLOCK_M=16, BLOCK_N=32, BLOCK_DK=max(16, kernels._np2(cqk)),
+               BLOCK_DV=max(16, kernels._np2(cv)), DELTA_DV=16, num_warps=4, num_stages=1)
+    cfg.update(kw)
+    return cfg
+
+
+FUSED_VARIANTS = {
+    "m16_n32": {},
+    "m32_n16_reload_kv": dict(RELOAD_KV=True, BLOCK_M=32, BLOCK_N=16),
+    "dq_chunks": dict(DQ_CHUNK=16),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("variant", list(FUSED_VARIANTS))
+def test_fused_backward_variants_match_fp64(interpret, dtype, layout, variant):
+    """L = 169 (13x13 map, 1x1 blocks), batch 2, Cqk 40 != Cv 24: partial tiles everywhere."""
+    n, cqk, cv, h, w, block = 2, 40, 24, 13, 13, (1, 1)
+    q, k, v, grad = _inputs(n, cqk, cv, h, w, dtype, layout, seed=3)
+    scale = 0.3
+    cfg = _fused_cfg(cqk, cv, **FUSED_VARIANTS[variant])
+
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b, c):
+            out, lse = kernels._forward_impl(a, b, c, True, block[0], block[1], scale)
+            ctx.save_for_backward(a, b, c, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, do):
+            a, b, c, out, lse = ctx.saved_tensors
+            return kernels._backward_impl(do, a, b, c, out, lse, True, block[0], block[1], scale, cfg)
+
+    _check_against_fp64(_Fn.apply, q, k, v, grad, "long", block, scale)
+
+
+FUSED_OP_CASES = [
+    # (id, N, Cqk, Cv, H, W, block, layout): the op's own fused config (fused_backward(True))
+    ("L512_channels_last", 1, 24, 16, 16, 32, (1, 1), "channels_last"),
+    ("L169_2x2_nchw", 1, 16, 24, 26, 26, (2, 2), "nchw"),
+    ("L150_batch2_strided", 2, 16, 40, 10, 30, (1, 2), "strided"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FUSED_OP_CASES, ids=[c[0] for c in FUSED_OP_CASES])
+def test_fused_backward_through_the_op_matches_fp64(interpret, case, dtype):
+    _, n, cqk, cv, h, w, block, layout = case
+    q, k, v, grad = _inputs(n, cqk, cv, h, w, dtype, layout, seed=4)
+    gather = kernels.is_gather(True, q, k, v)
+    with kernels.fused_backward(True):
+        cfg = kernels.bwd_config(dtype, (h // block[0]) * (w // block[1]), cqk, cv, gather)
+        assert cfg.get("FUSED_DQ"), cfg
+        _check_against_fp64(lambda a, b, c: sparse_attention(a, b, c, "long", block, backend="triton"),
+                            q, k, v, grad, "long", block, cqk ** -0.5)
+
+
+def test_fused_backward_switch(monkeypatch):
+    """Off by default; the environment variable and the context manager turn it on; short groups never."""
+    monkeypatch.delenv("ISA_TRITON_FUSED_BWD", raising=False)
+    assert not kernels.bwd_config(torch.float16, 512, 256, 512).get("FUSED_DQ")
+    monkeypatch.setenv("ISA_TRITON_FUSED_BWD", "1")
+    assert kernels.bwd_config(torch.float16, 512, 256, 512).get("FUSED_DQ")
+    with kernels.fused_backward(False):
+        assert not kernels.bwd_config(torch.float16, 512, 256, 512).get("FUSED_DQ")
+    with kernels.fused_backward(True):
+        assert kernels.bwd_config(torch.bfloat16, 512, 256, 512, gather=True).get("FUSED_DQ")
+        assert kernels.bwd_config(torch.float16, 64, 256, 512)["kind"] == "tile"
+        assert not kernels.bwd_config(torch.float16, 512, 256, 1024).get("FUSED_DQ")  # Cv too wide

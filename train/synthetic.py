@@ -1,8 +1,11 @@
-"""A small synthetic dataset in the custom folder layout, for tests, demos and smoke runs.
+"""Small synthetic datasets in the custom folder layout, for tests, demos and smoke runs.
 
-Each image is a noisy background with a few squares (class 1) and discs (class 2), each shape kind
-with its own colour family, so a network can learn it in minutes on a CPU. Some images carry an
-ignored (255) border strip, as real datasets do.
+- `make_synthetic_dataset`: a noisy background with a few squares (class 1) and discs (class 2),
+  each shape kind with its own colour family, so a network can learn it in minutes on a CPU. Some
+  images carry an ignored (255) border strip, as real datasets do.
+- `make_scene_dataset` (`isa demo`): procedural outdoor-like scenes with five classes - a smooth
+  gradient sky, mottled ground, striped boxes, checkered tiles and ringed discs - whose colours are
+  all drawn from one shared distribution, so only texture, shape and position tell them apart.
 
 Example:
     >>> import tempfile
@@ -60,3 +63,143 @@ def make_synthetic_dataset(root: Union[str, os.PathLike], num_train: int = 16, n
     spec = {"classes": list(CLASSES), "palette": [list(c) for c in PALETTE], "ignore_index": 255}
     (root / "dataset.json").write_text(json.dumps(spec, indent=1))
     return root
+
+
+
+# --------------------------------------------------------------------------------------------------
+# procedural scenes (`isa demo`)
+
+SCENE_CLASSES = ("sky", "ground", "striped box", "checkered tile", "ringed disc")
+# label colours for overlays only: the image colours of every class come from one shared range
+SCENE_PALETTE = ((70, 130, 180), (152, 251, 152), (250, 170, 30), (220, 20, 60), (0, 0, 230))
+_MIN_CONTRAST = 60.0  # grey-level gap between the two colours of a texture
+
+
+def _colour(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(35, 220, size=3)
+
+
+def _colour_pair(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """Two colours from the shared range whose grey levels differ enough for the texture to show."""
+    grey = np.array([0.299, 0.587, 0.114])
+    a = _colour(rng)
+    for _ in range(50):
+        b = _colour(rng)
+        if abs(float((a - b) @ grey)) >= _MIN_CONTRAST:
+            return a, b
+    return a, 255.0 - a  # pragma: no cover - 50 misses in a row are very unlikely
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
+    """Value noise in [0, 1]: a random grid every `cell` pixels, bicubic-interpolated."""
+    gh, gw = h // cell + 3, w // cell + 3
+    grid = Image.fromarray(rng.random((gh, gw)).astype(np.float32), mode="F")
+    full = np.asarray(grid.resize((gw * cell, gh * cell), Image.BICUBIC))
+    oy, ox = (int(v) for v in rng.integers(0, cell, size=2))
+    return np.clip(full[oy:oy + h, ox:ox + w], 0.0, 1.0)
+
+
+def _square_wave(phase: np.ndarray) -> np.ndarray:
+    # a slightly softened square wave in [0, 1]: crisp texture without aliasing speckle
+    return np.clip(np.sin(phase) * 3.0, -1.0, 1.0) * 0.5 + 0.5
+
+
+def render_scene(rng: np.random.Generator, size_hw: Sequence[int] = (96, 128)) -> Tuple[np.ndarray, np.ndarray]:
+    """One procedural scene: (H, W, 3) uint8 RGB image and (H, W) uint8 label map (SCENE_CLASSES).
+
+    Sky (0) above a wavy horizon is a smooth vertical gradient; ground (1) below is mottled value
+    noise; then one striped box (2), one checkered tile (3), one ringed disc (4) and up to two more
+    random objects are drawn, later ones occluding earlier ones. Every colour is drawn from the
+    same range, so a pixel's colour says nothing about its class.
+
+    Example:
+        >>> image, mask = render_scene(np.random.default_rng(0), (48, 64))
+        >>> image.shape, image.dtype, mask.shape, int(mask.max()) <= 4
+        ((48, 64, 3), dtype('uint8'), (48, 64), True)
+    """
+    h, w = int(size_hw[0]), int(size_hw[1])
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    mean_horizon = h * rng.uniform(0.3, 0.55)
+    horizon = mean_horizon + rng.uniform(2, 6) * np.sin(2 * np.pi * xx[0] / rng.uniform(40, 120) + rng.uniform(0, 6.3))
+    sky = yy < horizon[None, :]
+
+    top, bottom = _colour_pair(rng)
+    t = np.clip(yy / mean_horizon, 0.0, 1.0)[..., None]
+    sky_image = top * (1.0 - t) + bottom * t
+    a, b = _colour_pair(rng)
+    mottle = 0.65 * _smooth_noise(rng, h, w, int(rng.integers(6, 12))) + 0.35 * _smooth_noise(rng, h, w, 2)
+    ground_image = a + (b - a) * mottle[..., None]
+    image = np.where(sky[..., None], sky_image, ground_image)
+    mask = np.where(sky, 0, 1).astype(np.uint8)
+
+    kinds = [2, 3, 4] + [int(k) for k in rng.integers(2, 5, size=int(rng.integers(0, 3)))]
+    rng.shuffle(kinds)
+    for kind in kinds:
+        cy, cx = rng.uniform(0.1, 0.9) * h, rng.uniform(0.08, 0.92) * w
+        a, b = _colour_pair(rng)
+        angle = rng.uniform(-0.6, 0.6)
+        u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+        v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+        if kind == 2:  # striped box: a rotated rectangle with stripes of any direction
+            region = (np.abs(u) <= rng.uniform(0.12, 0.28) * w) & (np.abs(v) <= rng.uniform(0.12, 0.25) * h)
+            theta, period = rng.uniform(0, np.pi), rng.uniform(5, 9)
+            pattern = _square_wave(2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / period)
+        elif kind == 3:  # checkered tile: a rotated square with a checkerboard aligned to it
+            side = rng.uniform(0.14, 0.24) * (h + w) / 2
+            region = (np.abs(u) <= side) & (np.abs(v) <= side)
+            cell = rng.uniform(4, 8)
+            pattern = ((np.floor(u / cell) + np.floor(v / cell)) % 2).astype(np.float64)
+        else:  # ringed disc: concentric rings
+            radius = rng.uniform(0.17, 0.3) * h
+            dist = np.hypot(yy - cy, xx - cx)
+            region = dist <= radius
+            pattern = _square_wave(2 * np.pi * dist / rng.uniform(5, 8) + rng.uniform(0, 6.3))
+        texture = a + (b - a) * pattern[..., None]
+        image[region] = texture[region]
+        mask[region] = kind
+
+    image = image + rng.normal(0, 4, size=image.shape)  # sensor noise
+    return np.clip(image + 0.5, 0, 255).astype(np.uint8), mask
+
+
+def make_scene_dataset(root: Union[str, os.PathLike], num_train: int = 40, num_val: int = 8,
+                       size_hw: Sequence[int] = (96, 128), seed: int = 0) -> Path:
+    """Write procedural scenes (`render_scene`) in the custom folder layout; returns `root`.
+
+    Layout: ROOT/images/{train,val}/scene_NNN.png (RGB), ROOT/masks/{train,val}/scene_NNN.png
+    (8-bit class indices 0..4) and ROOT/dataset.json (classes, palette, ignore_index 255).
+    The same arguments always write the same bytes (seeded numpy, PNG files).
+
+    Example:
+        >>> import tempfile
+        >>> root = make_scene_dataset(tempfile.mkdtemp(), num_train=2, num_val=1, size_hw=(48, 64))
+        >>> json.loads((root / "dataset.json").read_text())["classes"][:2]
+        ['sky', 'ground']
+    """
+    if num_train < 1 or num_val < 0:
+        raise ValueError(f"need num_train >= 1 and num_val >= 0, got {num_train} and {num_val}")
+    h, w = int(size_hw[0]), int(size_hw[1])
+    if h < 32 or w < 32:
+        raise ValueError(f"size_hw must be at least 32x32 (textures need room), got {tuple(size_hw)}")
+    root = Path(root)
+    # one stream per split: the val images do not change when num_train does
+    for split, count, stream in (("train", num_train, 0), ("val", num_val, 1)):
+        rng = np.random.default_rng([seed, stream])
+        image_dir, mask_dir = root / "images" / split, root / "masks" / split
+        image_dir.mkdir(parents=True, exist_ok=True)
+        mask_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            image, mask = render_scene(rng, (h, w))
+            _save_png(Image.fromarray(image), image_dir / f"scene_{i:03d}.png")
+            _save_png(Image.fromarray(mask, mode="L"), mask_dir / f"scene_{i:03d}.png")
+    spec = {"classes": list(SCENE_CLASSES), "palette": [list(c) for c in SCENE_PALETTE], "ignore_index": 255}
+    tmp = root / ".dataset.json.tmp"
+    tmp.write_text(json.dumps(spec, indent=1) + "\n")
+    os.replace(tmp, root / "dataset.json")
+    return root
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)

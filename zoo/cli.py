@@ -54,22 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: `isa bench model`, `isa bench kernels`")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
-    from . import bench as model_bench
+    # each package owns its parser; imported here so that `isa --help` lists every command
+    from isa_triton import bench as kernel_bench
+    from eval import cli as eval_cli
+    from train import cli as train_cli
+    from . import bench as model_bench, demo
+
     model_bench.add_parser(bench_sub)
-    _optional(lambda: __import__("isa_triton.bench", fromlist=["add_parser"]).add_parser(bench_sub))
-    _optional(lambda: __import__("eval.cli", fromlist=["x"]).add_eval_parser(sub))
-    _optional(lambda: __import__("eval.cli", fromlist=["x"]).add_predict_parser(sub))
-    _optional(lambda: __import__("train.cli", fromlist=["x"]).add_train_parser(sub))
-    _optional(lambda: __import__("zoo.demo", fromlist=["x"]).add_demo_parser(sub))
+    kernel_bench.add_parser(bench_sub)
+    eval_cli.add_eval_parser(sub)
+    eval_cli.add_predict_parser(sub)
+    train_cli.add_train_parser(sub)
+    demo.add_demo_parser(sub)
     return parser
-
-
-def _optional(register) -> None:
-    # Sub-commands whose package is not written yet are simply absent.
-    try:
-        register()
-    except (ImportError, AttributeError):
-        pass
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -42,7 +42,7 @@ def _time(fn, device: torch.device, warmup: int, repeats: int) -> List[float]:
 
 def bench_model(name: str, size: tuple = (512, 1024), device: str = "cpu", dtype: str = "float32",
                 warmup: int = 1, repeats: int = 5, baseline: bool = True, backend: str = "auto",
-                threads: int = 0, compile: bool = False) -> Dict[str, object]:
+                threads: int = 0) -> Dict[str, object]:
     """Median eval-mode forward time (ms) of the optimized path and, side by side, the reference path.
 
     The reference path is MMSegmentation's structure run as it runs it: unfused BN, NCHW, eager
@@ -56,8 +56,8 @@ def bench_model(name: str, size: tuple = (512, 1024), device: str = "cpu", dtype
     x = torch.randn(1, 3, *size, device=dev)
     result: Dict[str, object] = {"model": name, "size": list(size), "device": device, "dtype": dtype,
                                  "threads": torch.get_num_threads(), "backend": backend,
-                                 "torch": torch.__version__, "compile": compile}
-    fast = optimize_for_inference(model, compile=compile)
+                                 "torch": torch.__version__}
+    fast = optimize_for_inference(model)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     cast = torch.autocast(dev.type, dtype=DTYPES[dtype]) if dtype != "float32" else nullcontext()
 
@@ -84,7 +84,7 @@ def bench_model(name: str, size: tuple = (512, 1024), device: str = "cpu", dtype
 
 def _run(args: argparse.Namespace) -> int:
     result = bench_model(args.model, args.size, args.device, args.dtype, args.warmup, args.repeats,
-                         not args.no_baseline, args.backend, args.threads, args.compile)
+                         not args.no_baseline, args.backend, args.threads)
     line = f"{result['model']} {args.size[0]}x{args.size[1]} {args.device} {args.dtype}: " \
            f"{result['ms_median']:.1f} ms (median of {args.repeats})"
     if "reference_ms_median" in result:
@@ -113,7 +113,5 @@ def add_parser(subparsers) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     p.add_argument("--no-baseline", action="store_true", help="skip the reference-path timing")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the optimized path with weight freezing (warm-up compiles)")
     p.add_argument("--json", help="write the result here")
     p.set_defaults(func=_run)

@@ -26,12 +26,8 @@ def fold_batchnorm(module: nn.Module) -> int:
     return folded
 
 
-def optimize_for_inference(model: nn.Module, channels_last: bool = True, compile: bool = False) -> nn.Module:
+def optimize_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Module:
     """A frozen eval-mode copy with BN folded and channels_last weights; the original is untouched.
-
-    `compile=True` also wraps it in `torch.compile` with Inductor's weight freezing (prepacked
-    oneDNN convolutions on the CPU): much faster per call, but the first call of each input size
-    compiles for about a minute on 2 CPU cores, so it pays only for many images of one size.
 
     Example:
         >>> fast = optimize_for_inference(zoo.create_model("isanet_r50-d8_512x1024_40k_cityscapes"))
@@ -44,6 +40,4 @@ def optimize_for_inference(model: nn.Module, channels_last: bool = True, compile
         fast = fast.to(memory_format=torch.channels_last)
     for p in fast.parameters():
         p.requires_grad_(False)
-    if compile:
-        return torch.compile(fast, options={"freezing": True})
     return fast

@@ -82,8 +82,17 @@ def _load_model(args: argparse.Namespace, num_classes: int | None, device: torch
 
     from zoo.fuse import optimize_for_inference
 
-    weights = None if str(args.weights).lower() == "none" else args.weights
-    model = create_model(args.model, weights=weights, num_classes=num_classes, backend=args.backend)
+    from zoo.hub import resolve_weights
+    from zoo.weights import load_weights
+
+    model = create_model(args.model, num_classes=num_classes, backend=args.backend)
+    if str(args.weights).lower() != "none":
+        path = resolve_weights(args.model, args.weights)
+        if load_weights(model, path):
+            # fine-tuning may start from a re-initialised classifier; evaluating one is meaningless
+            raise ValueError(f"{path} has a classifier for another class count than the dataset's "
+                             f"{model.num_classes}: pass the fine-tuned weights (isa train writes "
+                             "WORK_DIR/model.safetensors), or --weights none for a smoke test")
     return optimize_for_inference(model.to(device))
 
 

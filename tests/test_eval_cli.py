@@ -1,6 +1,7 @@
 """`isa eval` and `isa predict` end to end on a tiny folder dataset with a randomly initialised R-50 model."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -84,3 +85,20 @@ def test_isa_predict_writes_palette_masks_and_overlays_with_legend(tmp_path, cap
     for c in present:  # every class present has its swatch in the legend
         assert (legend == np.array(PALETTE[c], dtype=np.uint8)).all(-1).any()
     assert "wrote 4 files" in capsys.readouterr().out
+
+
+def test_eval_refuses_weights_whose_classifier_would_be_reinitialised(tmp_path, capsys):
+    """Published 19-class weights on a 3-class folder dataset: an error, not a random classifier."""
+    import torch
+    import zoo
+    from eval.cli import _load_model
+    from zoo.weights import convert_checkpoint
+
+    name = "isanet_r50-d8_512x1024_40k_cityscapes"
+    src = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": zoo.ISANet(zoo.get_config(name)).state_dict()}, src)
+    dst = convert_checkpoint(src, tmp_path / "ckpt.safetensors", name)
+    args = argparse.Namespace(model=name, weights=str(dst), backend="eager")
+    with pytest.raises(ValueError, match="another class count"):
+        _load_model(args, 3, torch.device("cpu"))
+    assert _load_model(args, 19, torch.device("cpu")).num_classes == 19

@@ -173,6 +173,21 @@ def _pixel_offset(tok, grp, gw, s_h, s_w, BH: tl.constexpr, BW: tl.constexpr, LO
 
 
 @triton.jit
+def _tile_scores(Qn, Kn, pq, pk, t_ok, sq_c, sk_c, CQK, BLOCK_L: tl.constexpr, BLOCK_DK: tl.constexpr,
+                 PREC: tl.constexpr):
+    """Unscaled scores Q K^T (BLOCK_L x BLOCK_L, fp32) of one whole group, summed over Cqk chunks."""
+    offs_dk0 = tl.arange(0, BLOCK_DK)
+    s = tl.full([BLOCK_L, BLOCK_L], 0.0, dtype=tl.float32)
+    for d0 in range(0, CQK, BLOCK_DK):
+        offs_dk = d0 + offs_dk0
+        dk_ok = offs_dk < CQK
+        q = tl.load(Qn + pq[:, None] + offs_dk[None, :] * sq_c, mask=t_ok[:, None] & dk_ok[None, :], other=0.0)
+        kt = tl.load(Kn + offs_dk[:, None] * sk_c + pk[None, :], mask=dk_ok[:, None] & t_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, s, input_precision=PREC)
+    return s
+
+
+@triton.jit
 def _fwd_tile_kernel(
     Q, K, V, O, LSE,
     sq_n, sq_c, sq_h, sq_w, sk_n, sk_c, sk_h, sk_w, sv_n, sv_c, sv_h, sv_w, so_n, so_c, so_h, so_w,
@@ -185,7 +200,6 @@ def _fwd_tile_kernel(
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK_L)
     t_ok = offs < L
-    offs_dk0 = tl.arange(0, BLOCK_DK)
     offs_dv0 = tl.arange(0, BLOCK_DV)
     for i in range(GROUPS_PER_PROG):
         bg_raw = pid * GROUPS_PER_PROG + i
@@ -195,15 +209,8 @@ def _fwd_tile_kernel(
         grp = bg % G
         pq = _pixel_offset(offs, grp, gw, sq_h, sq_w, BH, BW, LONG)
         pk = _pixel_offset(offs, grp, gw, sk_h, sk_w, BH, BW, LONG)
-        s = tl.full([BLOCK_L, BLOCK_L], 0.0, dtype=tl.float32)
-        for d0 in range(0, CQK, BLOCK_DK):
-            offs_dk = d0 + offs_dk0
-            dk_ok = offs_dk < CQK
-            q = tl.load(Q + n * sq_n + pq[:, None] + offs_dk[None, :] * sq_c,
-                        mask=t_ok[:, None] & dk_ok[None, :], other=0.0)
-            kt = tl.load(K + n * sk_n + offs_dk[:, None] * sk_c + pk[None, :],
-                         mask=dk_ok[:, None] & t_ok[None, :], other=0.0)
-            s = tl.dot(q, kt, s, input_precision=PREC)
+        s = _tile_scores(Q + n * sq_n, K + n * sk_n, pq, pk, t_ok, sq_c, sk_c, CQK,
+                         BLOCK_L, BLOCK_DK, PREC)
         s = tl.where(t_ok[None, :], s * qk_scale, float("-inf"))
         m = tl.max(s, 1)
         p = tl.exp2(s - m[:, None])
@@ -302,15 +309,8 @@ def _bwd_tile_kernel(
         grp = bg % G
         pq = _pixel_offset(offs, grp, gw, sq_h, sq_w, BH, BW, LONG)
         pk = _pixel_offset(offs, grp, gw, sk_h, sk_w, BH, BW, LONG)
-        s = tl.full([BLOCK_L, BLOCK_L], 0.0, dtype=tl.float32)
-        for d0 in range(0, CQK, BLOCK_DK):
-            offs_dk = d0 + offs_dk0
-            dk_ok = offs_dk < CQK
-            q = tl.load(Q + n * sq_n + pq[:, None] + offs_dk[None, :] * sq_c,
-                        mask=t_ok[:, None] & dk_ok[None, :], other=0.0)
-            kt = tl.load(K + n * sk_n + offs_dk[:, None] * sk_c + pk[None, :],
-                         mask=dk_ok[:, None] & t_ok[None, :], other=0.0)
-            s = tl.dot(q, kt, s, input_precision=PREC)
+        s = _tile_scores(Q + n * sq_n, K + n * sk_n, pq, pk, t_ok, sq_c, sk_c, CQK,
+                         BLOCK_L, BLOCK_DK, PREC)
         lse = tl.load(LSE + bg * L + offs, mask=t_ok, other=0.0)
         p = tl.exp2(s * qk_scale - lse[:, None])
         p = tl.where(t_ok[:, None] & t_ok[None, :], p, 0.0)

@@ -251,13 +251,25 @@ FWD_SWEEP = {
         dict(kind="flash", BLOCK_M=128, BLOCK_N=32, BLOCK_DV=256, num_warps=8, num_stages=2),
         dict(kind="flash", BLOCK_M=64, BLOCK_N=64, BLOCK_DV=512, num_warps=8, num_stages=2),
         dict(kind="flash", BLOCK_M=64, BLOCK_N=32, BLOCK_DV=512, num_warps=8, num_stages=2),
+        # 96 KB of shared memory: two programs per SM
+        dict(kind="flash", BLOCK_M=64, BLOCK_N=32, BLOCK_DV=256, num_warps=4, num_stages=2),
+        dict(kind="flash", BLOCK_M=128, BLOCK_N=64, BLOCK_DV=256, num_warps=8, num_stages=1),
+        dict(kind="flash", BLOCK_M=128, BLOCK_N=32, BLOCK_DV=256, num_warps=8, num_stages=3),
     ],
     "gather": [
         dict(kind="flash", BLOCK_M=128, BLOCK_N=32, BLOCK_DV=128, num_warps=8, num_stages=2),
-        dict(kind="flash", BLOCK_M=64, BLOCK_N=64, BLOCK_DV=128, num_warps=8, num_stages=2),
-        dict(kind="flash", BLOCK_M=64, BLOCK_N=32, BLOCK_DV=256, num_warps=8, num_stages=2),
+        dict(kind="flash", BLOCK_M=128, BLOCK_N=32, BLOCK_DV=128, num_warps=8, num_stages=3),
     ],
 }
+# Short-range forward (tile kernel, 64-token groups): DV_SPLIT spreads a group's Cv over programs,
+# for small batches whose 512 groups per image fill 132 SMs in 1.3 waves. First: the default.
+SHORT_FWD_SWEEP = [
+    dict(kind="tile", BLOCK_L=64, BLOCK_DK=128, BLOCK_DV=128, num_warps=4, num_stages=2),
+    dict(kind="tile", BLOCK_L=64, BLOCK_DK=128, BLOCK_DV=128, DV_SPLIT=2, num_warps=4, num_stages=2),
+    dict(kind="tile", BLOCK_L=64, BLOCK_DK=128, BLOCK_DV=128, DV_SPLIT=4, num_warps=4, num_stages=2),
+    dict(kind="tile", BLOCK_L=64, BLOCK_DK=64, BLOCK_DV=64, DV_SPLIT=2, num_warps=4, num_stages=2),
+    dict(kind="tile", BLOCK_L=64, BLOCK_DK=128, BLOCK_DV=128, num_warps=4, num_stages=1),
+]
 BWD_SWEEP = {
     "contiguous": [
         dict(kind="flash", BLOCK_M=64, BLOCK_N=64, BLOCK_DV=64, DV_BLOCK=256, DELTA_DV=128, num_warps=8,
@@ -274,27 +286,49 @@ BWD_SWEEP = {
              num_stages=1),
     ],
 }
-# The one-pass backward (kernels._bwd_fused_kernel, FUSED_DQ): whole Cqk/Cv rows per tile (BLOCK_DK,
-# BLOCK_DV filled in by `sweep_config`), dQ by fp32 atomics. The first of each list is
-# kernels.fused_bwd_config's choice; all compile for sm_90a without spills (tests/test_kernel_compile.py).
+# The one-pass backwards (kernels._bwd_fused_kernel): whole Cqk/Cv rows per tile (BLOCK_DK, BLOCK_DV
+# filled in by `sweep_config`); FUSED_DQ adds dQ by fp32 atomics, SPLIT_DQ computes it in
+# _bwd_dq_kernel (DQ_BLOCK_M queries, DQ_WARPS warps). The first of each kind is
+# kernels.one_pass_bwd_config's choice; all compile for sm_90a without spills (tests/test_kernel_compile.py).
+# BLOCK_M = 64 makes every dot a wgmma (BLOCK_M = 32: mma.sync), at BLOCK_N = 16 to fit.
 BWD_SWEEP["contiguous"] += [
     dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DELTA_DV=128, num_warps=8, num_stages=2),
     dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_CHUNK=64, DELTA_DV=128, num_warps=8, num_stages=2),
     dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DELTA_DV=128, num_warps=8, num_stages=3),
     dict(kind="flash", FUSED_DQ=True, BLOCK_M=16, BLOCK_N=32, DELTA_DV=128, num_warps=8, num_stages=2),
     dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=16, DELTA_DV=128, num_warps=4, num_stages=2),
+    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DELTA_DV=128,
+         num_warps=8, num_stages=2),
+    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=64, BLOCK_N=16, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DELTA_DV=128,
+         num_warps=8, num_stages=2),
+    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=64, BLOCK_N=16, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DQ_WARPS=8,
+         DELTA_DV=128, num_warps=4, num_stages=2),
+    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DQ_WARPS=16,
+         DELTA_DV=128, num_warps=8, num_stages=2),
+    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DQ_WARPS=4,
+         DELTA_DV=128, num_warps=8, num_stages=2),
 ]
 BWD_SWEEP["gather"] += [
     dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DELTA_DV=32, num_warps=8, num_stages=1),
     dict(kind="flash", FUSED_DQ=True, BLOCK_M=16, BLOCK_N=32, DELTA_DV=32, num_warps=8, num_stages=2),
+    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=32, DQ_BLOCK_N=32, DQ_BLOCK_DV=32,
+         DELTA_DV=32, num_warps=8, num_stages=1),
 ]
+BWD_VARIANTS = ("four", "fused", "split")
+
+
+def bwd_variant(cfg: Dict) -> str:
+    """Which long-group backward a config runs (kernels.LONG_BWD_MODES)."""
+    return "fused" if cfg.get("FUSED_DQ") else "split" if cfg.get("SPLIT_DQ") else "four"
 
 
 def sweep_config(cfg: Dict, cqk: int, cv: int) -> Dict:
-    """A sweep entry completed for Cqk/Cv: BLOCK_DK (whole Cqk), and BLOCK_DV (whole Cv) for FUSED_DQ."""
+    """A sweep entry completed for Cqk/Cv: BLOCK_DK (whole Cqk), and BLOCK_DV (whole Cv) for the one-pass ones."""
+    if cfg.get("kind") == "tile":
+        return dict(cfg)
     np2 = lambda c: max(16, 1 << (c - 1).bit_length())  # noqa: E731
     cfg = dict(cfg, BLOCK_DK=np2(cqk))
-    if cfg.get("FUSED_DQ"):
+    if bwd_variant(cfg) != "four":
         cfg.setdefault("BLOCK_DV", np2(cv))
     return cfg
 
@@ -303,21 +337,25 @@ def run_sweep(dtype: torch.dtype = torch.bfloat16, case: str = "cityscapes_whole
               cqk: int = 256, cv: int = 512, warmup: int = 10, rep: int = 40, deadline: Optional[float] = None,
               log: Callable[[str], None] = print, device: str = "cuda",
               bwd_batches: Sequence[int] = (1, 8)) -> List[Dict]:
-    """Time alternative launch configs of the long-range (flash) kernels; the first of each list is the default.
+    """Time alternative launch configs; the first of each list is the default.
 
-    The forward is timed at batch `n`; the channels_last backward at each of `bwd_batches` (the
-    four-kernel backward and the one-pass FUSED_DQ one side by side), the NCHW backward at `n`.
-    Ends with one summary line per (layout, batch): best old vs best fused backward.
+    Long range: the forward at batch `n`; the channels_last backward at each of `bwd_batches` (the
+    four-kernel, FUSED_DQ and SPLIT_DQ backwards side by side), the NCHW backward at `n`. Short range
+    (channels_last): the forward at each of `bwd_batches`. Ends with one summary line per (layout,
+    batch): the best of each backward.
     """
     from . import kernels
 
     h, w = CASES[case]
     scale = cqk ** -0.5
     rows = []
-    for layout, kind in (("channels_last", "contiguous"), ("nchw", "gather")):
-        jobs = [("fwd", n, cfg) for cfg in FWD_SWEEP[kind]]
-        for b in (bwd_batches if layout == "channels_last" else (n,)):
-            jobs += [("bwd", b, cfg) for cfg in BWD_SWEEP[kind]]
+    plan = [("channels_last", "long", [("fwd", n, cfg) for cfg in FWD_SWEEP["contiguous"]]
+             + [("bwd", b, cfg) for b in bwd_batches for cfg in BWD_SWEEP["contiguous"]]),
+            ("nchw", "long", [("fwd", n, cfg) for cfg in FWD_SWEEP["gather"]]
+             + [("bwd", n, cfg) for cfg in BWD_SWEEP["gather"]]),
+            ("channels_last", "short", [("fwd", b, cfg) for b in bwd_batches for cfg in SHORT_FWD_SWEEP])]
+    for layout, pattern, jobs in plan:
+        long_range = pattern == "long"
         inputs = {}
         for which, batch, cfg in jobs:
             if deadline is not None and time.monotonic() > deadline:
@@ -327,15 +365,16 @@ def run_sweep(dtype: torch.dtype = torch.bfloat16, case: str = "cityscapes_whole
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 q, k, v = make_inputs(batch, cqk, cv, h, w, dtype, layout, device)
-                out, lse = kernels._forward_impl(q, k, v, True, 8, 8, scale)
+                out, lse = kernels._forward_impl(q, k, v, long_range, 8, 8, scale)
                 inputs[batch] = (q, k, v, out, lse, torch.randn_like(out))
             q, k, v, out, lse, do = inputs[batch]
             cfg = sweep_config(cfg, cqk, cv)
-            variant = "fused" if cfg.get("FUSED_DQ") else ("old" if which == "bwd" else "")
-            row = dict(layout=layout, which=which, case=case, batch=batch, variant=variant, config=dict(cfg))
+            variant = bwd_variant(cfg) if which == "bwd" else ""
+            row = dict(layout=layout, pattern=pattern, which=which, case=case, batch=batch, variant=variant,
+                       config=dict(cfg))
             try:
                 if which == "fwd":
-                    call = lambda: kernels._forward_impl(q, k, v, True, 8, 8, scale, cfg)  # noqa: E731
+                    call = lambda: kernels._forward_impl(q, k, v, long_range, 8, 8, scale, cfg)  # noqa: E731
                 else:
                     call = lambda: kernels._backward_impl(do, q, k, v, out, lse, True, 8, 8, scale, cfg)  # noqa
                 call()
@@ -343,19 +382,19 @@ def run_sweep(dtype: torch.dtype = torch.bfloat16, case: str = "cityscapes_whole
             except Exception as exc:
                 row["error"] = _short(exc)
             rows.append(row)
-            shown = {k_: v_ for k_, v_ in cfg.items() if k_ not in ("kind", "FUSED_DQ")}
-            log(f"sweep {layout:<14}{which:<4} N={batch:<2} {variant:<6}{row.get('ms', float('nan')):9.3f} ms  {shown}"
-                + (f"  [{row['error']}]" if "error" in row else ""))
+            shown = {k_: v_ for k_, v_ in cfg.items() if k_ not in ("kind", "FUSED_DQ", "SPLIT_DQ")}
+            log(f"sweep {pattern:<6}{layout:<14}{which:<4} N={batch:<2} {variant:<6}"
+                f"{row.get('ms', float('nan')):9.3f} ms  {shown}" + (f"  [{row['error']}]" if "error" in row else ""))
         inputs.clear()
     for layout in ("channels_last", "nchw"):
         for b in sorted({r["batch"] for r in rows if r["layout"] == layout and r["which"] == "bwd"}):
             best = {}
-            for var in ("old", "fused"):
+            for var in BWD_VARIANTS:
                 ms = [r["ms"] for r in rows if r["layout"] == layout and r["which"] == "bwd" and r["batch"] == b
                       and r["variant"] == var and "ms" in r]
                 best[var] = min(ms) if ms else float("nan")
-            log(f"sweep summary: long bwd {case} {layout} N={b}: best old {best['old']:.3f} ms, best fused "
-                f"{best['fused']:.3f} ms -> {best['old'] / best['fused']:.2f}x")
+            log(f"sweep summary: long bwd {case} {layout} N={b}: best "
+                + ", ".join(f"{var} {best[var]:.3f} ms" for var in BWD_VARIANTS))
     return rows
 
 

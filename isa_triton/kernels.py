@@ -24,8 +24,8 @@ Kernels (fp32 accumulation; fp32, fp16 and bf16 inputs):
   saving the row log-sum-exp; the backward recomputes P from it: ``_bwd_delta_kernel``
   (rowsum dO*O), ``_bwd_dkdv_kernel`` (dk, and dv when Cv fits one chunk), ``_bwd_dv_kernel``
   (dv per Cv chunk otherwise) and ``_bwd_dq_kernel`` -- S = QK^T is recomputed 3+ times and
-  dP = dO V^T twice. The one-pass alternative (config key ``FUSED_DQ``; `fused_backward`, or
-  ``ISA_TRITON_FUSED_BWD=1``) is ``_bwd_fused_kernel``:
+  dP = dO V^T twice. The one-pass alternative (config key ``FUSED_DQ``; `long_backward("fused")`, or
+  ``ISA_TRITON_LONG_BWD=fused``) is ``_bwd_fused_kernel``:
   32 keys per program with dK^T and dV^T (whole Cqk <= 256 and Cv <= 512) accumulated in
   registers, S and dP computed once per (query block, key block), and dQ added with relaxed
   fp32 atomics into an (N*G, L, Cqk) fp32 workspace that ``_bwd_dq_cast_kernel`` scales and
@@ -33,7 +33,11 @@ Kernels (fp32 accumulation; fp32, fp16 and bf16 inputs):
   to run at the fp32 rounding level). Timed on an H100 (BENCHMARKS.md): 1.21x faster than the
   four-kernel backward at 128x256 batch 8 channels_last, 3.8x for NCHW inputs, no gain at batch 1;
   it stays off by default because it adds that fp32 workspace while the gain is modest, and the
-  zoo's training crops (L = 64 and 128) take the tile path anyway.
+  zoo's training crops (L = 64 and 128) take the tile path anyway. Most of its dot products have
+  M = 32 rows, which Triton lowers to mma.sync rather than Hopper's wgmma (PTX, sm_90a).
+  ``long_backward("split")`` (``SPLIT_DQ``) runs the same dK/dV pass without dQ, then
+  ``_bwd_dq_kernel`` with whole dO rows (DV_ONE): no atomics and no workspace, S and dP computed
+  twice instead of four and two times; not yet timed on a GPU.
 
 Launch configurations are fixed per (kernel, dtype, group length, channel counts, layout) by
 `fwd_config`/`bwd_config` (no autotuning; `isa bench kernels --sweep` times alternatives on a GPU);
@@ -191,13 +195,19 @@ def _tile_scores(Qn, Kn, pq, pk, t_ok, sq_c, sk_c, CQK, BLOCK_L: tl.constexpr, B
 def _fwd_tile_kernel(
     Q, K, V, O, LSE,
     sq_n, sq_c, sq_h, sq_w, sk_n, sk_c, sk_h, sk_w, sv_n, sv_c, sv_h, sv_w, so_n, so_c, so_h, so_w,
-    L, G, NG, gw, CQK, CV, qk_scale,
+    L, G, NG, gw, CQK, CV, CV_PER, qk_scale,
     BH: tl.constexpr, BW: tl.constexpr, LONG: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    GROUPS_PER_PROG: tl.constexpr, PREC: tl.constexpr,
+    GROUPS_PER_PROG: tl.constexpr, DV_SPLIT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Whole groups (L <= BLOCK_L tokens): exact softmax of one score tile, then P @ V by Cv chunks."""
-    pid = tl.program_id(0)
+    """Whole groups (L <= BLOCK_L tokens): exact softmax of one score tile, then P @ V by Cv chunks.
+
+    DV_SPLIT > 1 spreads a group's Cv over that many adjacent programs (CV_PER columns each, the
+    scores recomputed by each): more programs for small batches, whose few groups leave SMs idle.
+    """
+    pid = tl.program_id(0) // DV_SPLIT
+    c_lo = (tl.program_id(0) % DV_SPLIT) * CV_PER
+    c_hi = tl.minimum(c_lo + CV_PER, CV)
     offs = tl.arange(0, BLOCK_L)
     t_ok = offs < L
     offs_dv0 = tl.arange(0, BLOCK_DV)
@@ -215,13 +225,13 @@ def _fwd_tile_kernel(
         m = tl.max(s, 1)
         p = tl.exp2(s - m[:, None])
         lsum = tl.sum(p, 1)
-        tl.store(LSE + bg * L + offs, m + tl.log2(lsum), mask=row_ok)
+        tl.store(LSE + bg * L + offs, m + tl.log2(lsum), mask=row_ok & (c_lo == 0))
         p = (p * (1.0 / lsum)[:, None]).to(V.dtype.element_ty)
         pv = _pixel_offset(offs, grp, gw, sv_h, sv_w, BH, BW, LONG)
         po = _pixel_offset(offs, grp, gw, so_h, so_w, BH, BW, LONG)
-        for c0 in range(0, CV, BLOCK_DV):
+        for c0 in range(c_lo, c_hi, BLOCK_DV):
             offs_dv = c0 + offs_dv0
-            dv_ok = offs_dv < CV
+            dv_ok = offs_dv < c_hi
             v = tl.load(V + n * sv_n + pv[:, None] + offs_dv[None, :] * sv_c,
                         mask=t_ok[:, None] & dv_ok[None, :], other=0.0)
             o = tl.dot(p, v, input_precision=PREC)
@@ -567,7 +577,7 @@ def _bwd_fused_kernel(
     L, G, gw, CQK, CV, qk_scale, scale,
     BH: tl.constexpr, BW: tl.constexpr, LONG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    RELOAD_KV: tl.constexpr, DQ_CHUNK: tl.constexpr, PREC: tl.constexpr,
+    RELOAD_KV: tl.constexpr, DQ_CHUNK: tl.constexpr, WITH_DQ: tl.constexpr, PREC: tl.constexpr,
 ):
     """Long groups, one pass: dK, dV of BLOCK_N keys and their dQ share (fp32 atomics), all queries.
 
@@ -576,7 +586,8 @@ def _bwd_fused_kernel(
     as (channels, keys): M = Cqk / Cv, wgmma-shaped on sm_90) and dQ += dS K, added with relaxed
     fp32 atomics into the workspace DQW laid out (group, token, Cqk) (`_bwd_dq_cast_kernel`
     scales and stores it). RELOAD_KV re-reads the K/V tiles per query block instead of keeping
-    them live; DQ_CHUNK < BLOCK_DK computes dQ by Cqk chunks.
+    them live; DQ_CHUNK < BLOCK_DK computes dQ by Cqk chunks. WITH_DQ=False leaves dQ to
+    `_bwd_dq_kernel` (the SPLIT_DQ backward: no atomics, no workspace).
     """
     per_group = (L + BLOCK_N - 1) // BLOCK_N
     pid = tl.program_id(0)
@@ -626,7 +637,9 @@ def _bwd_fused_kernel(
         ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty)
         dvt_acc = tl.dot(tl.trans(do), p.to(DO.dtype.element_ty), dvt_acc, input_precision=PREC)
         dkt_acc = tl.dot(tl.trans(q), ds, dkt_acc, input_precision=PREC)
-        if DQ_CHUNK >= BLOCK_DK:
+        if not WITH_DQ:
+            pass
+        elif DQ_CHUNK >= BLOCK_DK:
             dq = tl.dot(ds, tl.trans(kt), input_precision=PREC)
             tl.atomic_add(dqw_base + offs_m[:, None] * CQK, dq, mask=m_ok[:, None] & dk_ok[None, :],
                           sem="relaxed")
@@ -785,58 +798,69 @@ def fwd_config(dtype: torch.dtype, L: int, cqk: int, cv: int, gather: bool = Fal
                 BLOCK_DV=_chunk(cv, 128 if big else 256), num_warps=8, num_stages=2)
 
 
-# Long-group backward variant: None -> the environment variable ISA_TRITON_FUSED_BWD ("1": fused);
-# True/False force it (see `fused_backward`). Off by default: see the module docstring for the H100 timings.
-FUSED_BWD: Optional[bool] = None
-FUSED_MAX_DK, FUSED_MAX_DV = 256, 512  # the fused backward holds whole Cqk and Cv rows per tile
+# Long-group backward: "four" (delta, dK(+dV), dV by Cv chunks, dQ: the default), "fused" (one pass,
+# dQ by fp32 atomics: FUSED_DQ) or "split" (one pass for dK and dV, then dQ: SPLIT_DQ). None -> the
+# environment variable ISA_TRITON_LONG_BWD (default "four"); see `long_backward`. The H100 timings
+# that chose the default are in BENCHMARKS.md.
+LONG_BWD_MODES = ("four", "fused", "split")
+LONG_BWD: Optional[str] = None
+ONE_PASS_MAX_DK, ONE_PASS_MAX_DV = 256, 512  # the one-pass dK/dV kernel holds whole Cqk and Cv rows per tile
 
 
-def fused_backward_enabled() -> bool:
-    """Whether `bwd_config` picks the one-pass (FUSED_DQ) backward for long groups."""
-    if FUSED_BWD is not None:
-        return bool(FUSED_BWD)
-    return os.environ.get("ISA_TRITON_FUSED_BWD", "0").strip().lower() in ("1", "true", "yes", "on")
+def long_backward_mode() -> str:
+    """Which backward `bwd_config` picks for long groups: one of `LONG_BWD_MODES`."""
+    mode = LONG_BWD if LONG_BWD is not None else os.environ.get("ISA_TRITON_LONG_BWD", "four").strip().lower()
+    if mode not in LONG_BWD_MODES:
+        raise ValueError(f"ISA_TRITON_LONG_BWD={mode!r}: expected one of {', '.join(LONG_BWD_MODES)}")
+    return mode
 
 
 @contextlib.contextmanager
-def fused_backward(enabled: bool = True):
-    """Temporarily force (or forbid) the FUSED_DQ long-group backward, e.g. for a timing comparison."""
-    global FUSED_BWD
-    old, FUSED_BWD = FUSED_BWD, enabled
+def long_backward(mode: str):
+    """Temporarily pick the long-group backward ("four", "fused" or "split"), e.g. for a timing comparison."""
+    global LONG_BWD
+    if mode not in LONG_BWD_MODES:
+        raise ValueError(f"long_backward({mode!r}): expected one of {', '.join(LONG_BWD_MODES)}")
+    old, LONG_BWD = LONG_BWD, mode
     try:
         yield
     finally:
-        FUSED_BWD = old
+        LONG_BWD = old
 
 
-def fused_bwd_config(dtype: torch.dtype, cqk: int, cv: int, gather: bool = False) -> Dict[str, Any]:
-    """The one-pass long-group backward (`_bwd_fused_kernel`): dK, dV and atomically added dQ.
+def one_pass_bwd_config(dtype: torch.dtype, cqk: int, cv: int, gather: bool = False,
+                        mode: str = "fused") -> Dict[str, Any]:
+    """The one-pass long-group backward (`_bwd_fused_kernel`): dK, dV, and dQ by atomics or by `_bwd_dq_kernel`.
 
     BLOCK_N = 32 keys per program keep dK^T (Cqk x 32) and dV^T (Cv x 32) fp32 accumulators in
     registers (96 per thread with 8 warps at 256/512); compiled for sm_90a without spills
-    (tests/test_kernel_compile.py).
+    (tests/test_kernel_compile.py). mode "split" (SPLIT_DQ) computes dQ in a second kernel of
+    DQ_BLOCK_M queries holding whole dO rows (DQ_BLOCK_DV, by chunks when smaller than Cv) instead of
+    fp32 atomics.
     """
     block_dk, block_dv = max(16, _np2(cqk)), max(16, _np2(cv))
-    base = dict(kind="flash", FUSED_DQ=True, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                DELTA_DV=_chunk(cv, 32 if gather else 128))
+    base = dict(kind="flash", BLOCK_DK=block_dk, BLOCK_DV=block_dv, DELTA_DV=_chunk(cv, 32 if gather else 128))
+    base.update(FUSED_DQ=True) if mode == "fused" else base.update(SPLIT_DQ=True)
     if dtype == torch.float32:  # FMA dot products: exact, small tiles, not tuned
-        return dict(base, BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    if gather:
-        return dict(base, BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
-    return dict(base, BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+        return dict(base, BLOCK_M=16, BLOCK_N=16, DQ_BLOCK_M=16, DQ_BLOCK_N=16, num_warps=4, num_stages=1)
+    if gather:  # dQ as the four-kernel backward's (dP by Cv chunks): whole gathered dO rows spill
+        return dict(base, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=32, DQ_BLOCK_N=32, DQ_BLOCK_DV=_chunk(cv, 32),
+                    num_warps=8, num_stages=1)
+    return dict(base, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=64, DQ_BLOCK_N=32, num_warps=8, num_stages=2)
 
 
 def bwd_config(dtype: torch.dtype, L: int, cqk: int, cv: int, gather: bool = False,
-               fused: Optional[bool] = None) -> Dict[str, Any]:
+               mode: Optional[str] = None) -> Dict[str, Any]:
     """Block sizes and launch options of the backward for one problem class (fixed, no autotuning).
 
-    `fused` (default: `fused_backward_enabled()`) picks the one-pass FUSED_DQ backward for long
-    groups whose Cqk <= 256 and Cv <= 512; otherwise the four-kernel one.
+    `mode` (default: `long_backward_mode()`) "fused" or "split" picks a one-pass backward for long
+    groups whose Cqk <= 256 and Cv <= 512; otherwise (and for "four") the four-kernel one.
     """
     block_dk = max(16, _np2(cqk))
-    fused = fused_backward_enabled() if fused is None else fused
-    if fused and _np2(L) > TILE_MAX and _np2(cqk) <= FUSED_MAX_DK and _np2(cv) <= FUSED_MAX_DV:
-        return fused_bwd_config(dtype, cqk, cv, gather)
+    mode = long_backward_mode() if mode is None else mode
+    if (mode != "four" and _np2(L) > TILE_MAX and _np2(cqk) <= ONE_PASS_MAX_DK
+            and _np2(cv) <= ONE_PASS_MAX_DV):
+        return one_pass_bwd_config(dtype, cqk, cv, gather, mode)
     if dtype == torch.float32:
         if _np2(L) <= TILE_MAX:
             block_l = max(16, _np2(L))
@@ -875,8 +899,10 @@ def _fwd_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     cx = dict(_geo_args(geo), PREC=_precision(q.dtype), **cfg)
     if kind == "tile":
         gpp = cx.setdefault("GROUPS_PER_PROG", _tile_groups_per_prog(ng))
-        args = dict(common, L=L, G=G, NG=ng, gw=geo.gw, CQK=cqk, CV=cv, qk_scale=scale * _LOG2E)
-        return [Launch(_fwd_tile_kernel, (triton.cdiv(ng, gpp),), args, cx, warps, stages, "fwd_tile")]
+        split = cx.setdefault("DV_SPLIT", 1)
+        cv_per = triton.cdiv(triton.cdiv(cv, split), cx["BLOCK_DV"]) * cx["BLOCK_DV"]
+        args = dict(common, L=L, G=G, NG=ng, gw=geo.gw, CQK=cqk, CV=cv, CV_PER=cv_per, qk_scale=scale * _LOG2E)
+        return [Launch(_fwd_tile_kernel, (triton.cdiv(ng, gpp) * split,), args, cx, warps, stages, "fwd_tile")]
     num_dv = triton.cdiv(cv, cx["BLOCK_DV"])
     args = dict(common, L=L, G=G, gw=geo.gw, CQK=cqk, CV=cv, NUM_DV=num_dv, qk_scale=scale * _LOG2E)
     grid = (triton.cdiv(L, cx["BLOCK_M"]) * num_dv * ng,)
@@ -913,18 +939,32 @@ def _bwd_plan(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         _bwd_delta_kernel, (triton.cdiv(L, 64) * ng,),
         dict(O=out, DO=do, DELTA=delta, **_strides(out, "so"), **_strides(do, "sdo"), L=L, G=G, gw=geo.gw, CV=cv),
         dict(_geo_args(geo), BLOCK_M=64, BLOCK_DV=delta_dv), 4, 1, "bwd_delta"))
-    if fused:
+    split_dq = cfg.pop("SPLIT_DQ", False)
+    if fused or split_dq:
         if bdk < cqk or bdv < cv:
-            raise ValueError(f"FUSED_DQ backward holds all of Cqk and Cv per tile: BLOCK_DK {bdk} >= {cqk} and "
-                             f"BLOCK_DV {bdv} >= {cv} needed")
-        assert dq_ws is not None and dq_ws.dtype == torch.float32 and dq_ws.numel() >= ng * L * cqk
+            raise ValueError(f"the one-pass dK/dV kernel holds all of Cqk and Cv per tile: BLOCK_DK {bdk} >= {cqk} "
+                             f"and BLOCK_DV {bdv} >= {cv} needed")
+        if fused:
+            assert dq_ws is not None and dq_ws.dtype == torch.float32 and dq_ws.numel() >= ng * L * cqk
         plans.append(Launch(
             _bwd_fused_kernel, (triton.cdiv(L, bn) * ng,),
-            dict(Q=q, K=k, V=v, DO=do, DQW=dq_ws, DK=dk, DV=dv, LSE=lse, DELTA=delta, **_strides(q, "sq"),
-                 **_strides(k, "sk"), **_strides(v, "sv"), **_strides(do, "sdo"), **_strides(dk, "sdk"),
-                 **_strides(dv, "sdv"), qk_scale=scale * _LOG2E, scale=scale, **sizes),
-            dict(geo_cx, RELOAD_KV=cfg.pop("RELOAD_KV", False), DQ_CHUNK=cfg.pop("DQ_CHUNK", bdk), **blocks),
-            warps, stages, "bwd_fused"))
+            dict(Q=q, K=k, V=v, DO=do, DQW=dq_ws if fused else dk, DK=dk, DV=dv, LSE=lse, DELTA=delta,
+                 **_strides(q, "sq"), **_strides(k, "sk"), **_strides(v, "sv"), **_strides(do, "sdo"),
+                 **_strides(dk, "sdk"), **_strides(dv, "sdv"), qk_scale=scale * _LOG2E, scale=scale, **sizes),
+            dict(geo_cx, RELOAD_KV=cfg.pop("RELOAD_KV", False), DQ_CHUNK=cfg.pop("DQ_CHUNK", bdk),
+                 WITH_DQ=not split_dq, **blocks),
+            warps, stages, "bwd_fused" if fused else "bwd_kv"))
+    if split_dq:  # dQ of DQ_BLOCK_M queries (whole dO rows unless DQ_BLOCK_DV < Cv): S and dP once more
+        dq_bm, dq_bn, dq_bdv = cfg.pop("DQ_BLOCK_M", bm), cfg.pop("DQ_BLOCK_N", bn), cfg.pop("DQ_BLOCK_DV", bdv)
+        plans.append(Launch(
+            _bwd_dq_kernel, (triton.cdiv(L, dq_bm) * ng,),
+            dict(Q=q, K=k, V=v, DO=do, DQ=dq, LSE=lse, DELTA=delta, **_strides(q, "sq"), **_strides(k, "sk"),
+                 **_strides(v, "sv"), **_strides(do, "sdo"), **_strides(dq, "sdq"), qk_scale=scale * _LOG2E,
+                 scale=scale, **sizes),
+            dict(geo_cx, DV_ONE=cv <= dq_bdv, BLOCK_M=dq_bm, BLOCK_N=dq_bn, BLOCK_DK=bdk, BLOCK_DV=dq_bdv),
+            cfg.pop("DQ_WARPS", warps), cfg.pop("DQ_STAGES", stages), "bwd_dq"))
+        return plans
+    if fused:
         plans.append(Launch(
             _bwd_dq_cast_kernel, (triton.cdiv(L, 64) * ng,),
             dict(DQW=dq_ws, DQ=dq, **_strides(dq, "sdq"), L=L, G=G, gw=geo.gw, CQK=cqk, scale=scale),

@@ -10,12 +10,13 @@ Phases (each one's failure is recorded and the next still runs; the JSON is alwa
    (they fill Triton's disk cache, so the timed phases never wait for a compile);
 1. correctness: forward, dq, dk, dv against fp64 eager, bf16/fp16/fp32, at the ISA shapes, NCHW and
    channels_last, both patterns: error <= 2 x eager's error in the same dtype + atol (isa_triton.checks);
-   then the long-range cases again through the one-pass FUSED_DQ backward ("fused-bwd" rows);
+   then the long-range cases again through the one-pass backwards ("fused-bwd": FUSED_DQ, "split-bwd": SPLIT_DQ);
 2. memory: bytes saved for backward (must be the fp32 LSE only, no O(L^2) matrix) and peak memory;
 3. torch.compile(fullgraph=True) of forward+backward through the custom op (inductor);
 4. benchmark: `isa bench kernels` rows (bf16; triton, eager, sdpa; batch 1 and 8; both layouts);
 5. config sweep of the long-range kernels (defaults first; the channels_last backward at batch 1 and 8,
-   four-kernel "old" and one-pass "fused" side by side, with a summary line), then FlexAttention.
+   four-kernel, "fused" and "split" side by side, with a summary line; the short-range forward's
+   Cv split at batch 1 and 8), then FlexAttention.
 Exit status 1 when a correctness, memory or compile check fails.
 """
 from __future__ import annotations
@@ -59,7 +60,7 @@ CORRECTNESS = [
     ("fp32", 64, 88, "long", "channels_last", 1),
     ("fp32", 104, 104, "short", "nchw", 1),
 ]
-# The same check through the one-pass long-range backward (kernels.fused_backward(True), FUSED_DQ):
+# The same check through the one-pass long-range backwards (kernels.long_backward("fused" / "split")):
 # long L = 512 and 169, bf16/fp16/fp32, both layouts
 CORRECTNESS_FUSED = [(d, h, w, "long", lay, n) for d in ("bf16", "fp16", "fp32")
                      for h, w, n in ((128, 256, 1), (104, 104, 2)) for lay in ("channels_last", "nchw")]
@@ -97,9 +98,9 @@ def _warm(task) -> str:
     dtype, h, w, pattern, layout, n, cfg = task
     try:
         q, k, v = bench.make_inputs(n, CQK, CV, h, w, DT[dtype], layout, DEVICE)
-        if cfg is None or cfg == "fused":
+        if cfg is None or cfg in kernels.LONG_BWD_MODES:
             q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-            with kernels.fused_backward(cfg == "fused"):
+            with kernels.long_backward(cfg or "four"):
                 out = sparse_attention(q, k, v, pattern, (8, 8), backend="triton")
                 out.backward(torch.ones_like(out))
         else:
@@ -132,12 +133,14 @@ def bench_tasks() -> list:
         for which, sweep in (("fwd", bench.FWD_SWEEP), ("bwd", bench.BWD_SWEEP)):
             for cfg in sweep[kind][1:]:
                 tasks.append(("bf16", 128, 256, "long", lay, 1, (which, bench.sweep_config(cfg, 256, 512))))
+    for cfg in bench.SHORT_FWD_SWEEP[1:]:
+        tasks.append(("bf16", 128, 256, "short", "channels_last", 1, ("fwd", dict(cfg))))
     return tasks
 
 
 def precompile(workers: int, dry_run: bool = False) -> dict:
     tasks = [(d, h, w, p, lay, n, None) for d, h, w, p, lay, n in CORRECTNESS]
-    tasks += [(d, h, w, p, lay, n, "fused") for d, h, w, p, lay, n in CORRECTNESS_FUSED]
+    tasks += [(d, h, w, p, lay, n, mode) for d, h, w, p, lay, n in CORRECTNESS_FUSED for mode in ("fused", "split")]
     if dry_run:
         tasks = tasks[:2] + tasks[-1:]
     else:
@@ -166,23 +169,23 @@ def copy_bandwidth() -> float:
 
 def check_correctness() -> list:
     rows = []
-    cases = [c + (False,) for c in CORRECTNESS] + [c + (True,) for c in CORRECTNESS_FUSED]
-    for dtype, h, w, pattern, layout, n, fused in cases:
+    cases = [c + ("four",) for c in CORRECTNESS] + [c + (m,) for c in CORRECTNESS_FUSED for m in ("fused", "split")]
+    for dtype, h, w, pattern, layout, n, mode in cases:
         q, k, v = bench.make_inputs(n, CQK, CV, h, w, DT[dtype], layout, DEVICE, seed=7)
         try:
-            with kernels.fused_backward(fused):
+            with kernels.long_backward(mode):
                 res = errors_vs_fp64(q, k, v, pattern, (8, 8), backend="triton")
             ok = all(r["ok"] for r in res.values())
-            row = dict(dtype=dtype, h=h, w=w, pattern=pattern, layout=layout, batch=n, fused_bwd=fused, ok=ok,
+            row = dict(dtype=dtype, h=h, w=w, pattern=pattern, layout=layout, batch=n, long_bwd=mode, ok=ok,
                        errors=res)
             detail = "  ".join(f"{name} {r['err']:.2e}/{r['eager_err']:.2e}" for name, r in res.items())
         except Exception as exc:
-            row = dict(dtype=dtype, h=h, w=w, pattern=pattern, layout=layout, batch=n, fused_bwd=fused, ok=False,
+            row = dict(dtype=dtype, h=h, w=w, pattern=pattern, layout=layout, batch=n, long_bwd=mode, ok=False,
                        error=traceback.format_exc(limit=3))
             detail = f"{type(exc).__name__}: {exc}"
         rows.append(row)
         log(f"{'PASS' if row['ok'] else 'FAIL'} {dtype} {h}x{w} {pattern:<5} {layout:<13} N={n} "
-            f"{'fused-bwd' if fused else 'default  '}  "
+            f"{mode + '-bwd' if mode != 'four' else 'default  '}  "
             f"(triton/eager max err) {detail}")
         del q, k, v
         if DEVICE == "cuda":

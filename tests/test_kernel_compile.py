@@ -99,12 +99,12 @@ ISA_CASES = [
 ]
 
 
-def all_launches(dtypes=(torch.float16, torch.bfloat16), channels=((256, 512), (64, 64), (16, 24)), fused=False):
+def all_launches(dtypes=(torch.float16, torch.bfloat16), channels=((256, 512), (64, 64), (16, 24)), mode="four"):
     """Distinct launch configurations (kernel, constexprs, warps, stages) over ISA-like problems.
 
-    `fused`: with the one-pass FUSED_DQ long-range backward (`kernels.fused_backward(True)`)."""
+    `mode`: the long-range backward (`kernels.long_backward(mode)`)."""
     seen = {}
-    with kernels.fused_backward(fused):
+    with kernels.long_backward(mode):
         for dtype in dtypes:
             for cqk, cv in channels:
                 for h, w, pattern in ISA_CASES:
@@ -118,19 +118,30 @@ def all_launches(dtypes=(torch.float16, torch.bfloat16), channels=((256, 512), (
     return seen
 
 
-def fused_sweep_launches(dtype, cqk=256, cv=512):
-    """The FUSED_DQ backward kernels of every `isa bench kernels --sweep` entry (128x256, ISA channels)."""
+ONE_PASS_KERNELS = ("bwd_fused", "bwd_kv", "bwd_dq_cast", "bwd_dq")
+
+
+def sweep_launches(dtype, cqk=256, cv=512):
+    """The kernels of every `isa bench kernels --sweep` entry (128x256, ISA channels, as the sweep runs them)."""
     from isa_triton import bench
 
     seen = {}
     for cl, kind in ((True, "contiguous"), (False, "gather")):
         q = _meta(1, cqk, 128, 256, dtype, cl)
         v = _meta(1, cv, 128, 256, dtype, cl)
+        geo = kernels.Geometry(1, 128, 256, 8, 8, True)
+        lse = torch.empty(geo.n * geo.groups, geo.tokens, device="meta")
+        plans = []
+        for cfg in bench.FWD_SWEEP[kind]:
+            plans += kernels._fwd_plan(q, q, v, torch.empty_like(v), lse, geo, 0.0625, bench.sweep_config(cfg, cqk, cv))
+        if cl:
+            short = kernels.Geometry(1, 128, 256, 8, 8, False)
+            for cfg in bench.SHORT_FWD_SWEEP:
+                plans += kernels._fwd_plan(q, q, v, torch.empty_like(v), lse, short, 0.0625, dict(cfg))
         for cfg in bench.BWD_SWEEP[kind]:
-            if cfg.get("FUSED_DQ"):
-                for launch in kernels.launch_plans(q, q, v, "long", (8, 8), bwd_cfg=bench.sweep_config(cfg, cqk, cv)):
-                    if launch.name == "bwd_fused":
-                        seen.setdefault(launch.config_key() + (dtype, cl), launch)
+            plans += kernels.launch_plans(q, q, v, "long", (8, 8), bwd_cfg=bench.sweep_config(cfg, cqk, cv))[1:]
+        for launch in plans:
+            seen.setdefault(launch.config_key() + (dtype, cl), launch)
     return seen
 
 
@@ -138,7 +149,7 @@ def _check(launches):
     failures, rows = [], []
     for launch in launches.values():
         stats = compile_sm90(launch)
-        blocks = {k: v for k, v in launch.constexprs.items() if k.startswith(("BLOCK", "GROUPS", "DQ_", "RELOAD"))}
+        blocks = {k: v for k, v in launch.constexprs.items() if k.startswith(("BLOCK", "GROUPS", "DQ_", "RELOAD", "DV_SPLIT"))}
         rows.append(f"{launch.name:<10} {blocks} warps={launch.num_warps} stages={launch.num_stages}: "
                     f"smem {stats['shared']} B, {stats['regs']} regs, spills {stats['spill_stores']}/{stats['spill_loads']}")
         if stats["shared"] > H100_SMEM:
@@ -158,12 +169,21 @@ def test_isa_launch_configs_fit_an_h100(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_fused_backward_configs_fit_an_h100(dtype):
-    """The one-pass FUSED_DQ backward: the op's choice at Cqk 256 / Cv 512 and every sweep entry."""
-    launches = {k: v for k, v in all_launches(dtypes=(dtype,), channels=((256, 512),), fused=True).items()
-                if v.name in ("bwd_fused", "bwd_dq_cast")}
-    launches.update(fused_sweep_launches(dtype))
-    assert {v.name for v in launches.values()} == {"bwd_fused", "bwd_dq_cast"}
+def test_one_pass_backward_configs_fit_an_h100(dtype):
+    """The one-pass backwards (FUSED_DQ, SPLIT_DQ): the op's choices at Cqk 256 / Cv 512."""
+    launches = {}
+    for mode in ("fused", "split"):
+        launches.update({k: v for k, v in all_launches(dtypes=(dtype,), channels=((256, 512),), mode=mode).items()
+                         if v.name in ONE_PASS_KERNELS})
+    assert {v.name for v in launches.values()} == set(ONE_PASS_KERNELS)
+    _check(launches)
+
+
+@pytest.mark.slow
+def test_sweep_configs_fit_an_h100():
+    """Every alternative `isa bench kernels --sweep` times (bf16, as it runs them) fits sm_90 too."""
+    launches = sweep_launches(torch.bfloat16)
+    assert {"fwd_flash", "fwd_tile", "bwd_dkdv", "bwd_fused", "bwd_kv", "bwd_dq"} <= {v.name for v in launches.values()}
     _check(launches)
 
 
@@ -181,10 +201,15 @@ def test_launch_plans_cover_both_paths_and_layouts():
     for name in ("fwd_tile", "bwd_tile", "fwd_flash", "bwd_delta", "bwd_dkdv", "bwd_dv", "bwd_dq"):
         assert (name, False) in names and (name, True) in names, name
     fused = {(launch.name, key[-1]) for key, launch in all_launches(dtypes=(torch.bfloat16,), channels=((256, 512),),
-                                                                     fused=True).items()}
+                                                                     mode="fused").items()}
     for name in ("bwd_fused", "bwd_dq_cast"):
         assert (name, False) in fused and (name, True) in fused, name
     assert not {n for n, _ in fused} & {"bwd_dkdv", "bwd_dv", "bwd_dq"}
+    split = {(launch.name, key[-1]) for key, launch in all_launches(dtypes=(torch.bfloat16,), channels=((256, 512),),
+                                                                     mode="split").items()}
+    for name in ("bwd_kv", "bwd_dq"):
+        assert (name, False) in split and (name, True) in split, name
+    assert not {n for n, _ in split} & {"bwd_dkdv", "bwd_dv", "bwd_fused", "bwd_dq_cast"}
 
 
 def test_interpreted_runs_leave_triton_able_to_compile(monkeypatch):

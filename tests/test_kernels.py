@@ -102,6 +102,7 @@ def test_triton_forward_and_grads_within_twice_eager_error(interpret, case, dtyp
 # Explicit configurations that force every loop and branch: several Cqk/Cv chunks with partial
 # last chunks, several key/query blocks, a Cv split over programs, ragged multi-group programs.
 TILE_CFG = dict(kind="tile", BLOCK_L=16, BLOCK_DK=16, BLOCK_DV=16, GROUPS_PER_PROG=3, num_warps=4, num_stages=1)
+TILE_DV_SPLIT = dict(TILE_CFG, DV_SPLIT=4)  # Cv 40 over 4 programs of 16 columns: one partial, one empty
 FLASH_FWD_CFG = dict(kind="flash", BLOCK_M=32, BLOCK_N=16, BLOCK_DK=64, BLOCK_DV=16, num_warps=4, num_stages=1)
 FLASH_BWD_MULTI = dict(kind="flash", BLOCK_M=16, BLOCK_N=32, BLOCK_DK=64, BLOCK_DV=16, DV_BLOCK=32, DELTA_DV=16,
                        num_warps=4, num_stages=1)
@@ -112,6 +113,7 @@ FLASH_BWD_ONE = dict(kind="flash", BLOCK_M=32, BLOCK_N=16, BLOCK_DK=64, BLOCK_DV
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fwd_cfg,bwd_cfg,shape,block,pattern", [
     pytest.param(TILE_CFG, TILE_CFG, (2, 40, 24, 8, 8), (2, 2), "short", id="tile_chunks_ragged_groups"),
+    pytest.param(TILE_DV_SPLIT, TILE_CFG, (2, 24, 40, 8, 8), (2, 2), "short", id="tile_cv_split_over_programs"),
     pytest.param(FLASH_FWD_CFG, FLASH_BWD_MULTI, (1, 40, 40, 8, 11), (1, 1), "long", id="flash_cv_split"),
     pytest.param(FLASH_FWD_CFG, FLASH_BWD_ONE, (2, 24, 40, 6, 7), (1, 1), "long", id="flash_one_cv_chunk"),
 ])
@@ -217,13 +219,16 @@ FUSED_VARIANTS = {
     "m16_n32": {},
     "m32_n16_reload_kv": dict(RELOAD_KV=True, BLOCK_M=32, BLOCK_N=16),
     "dq_chunks": dict(DQ_CHUNK=16),
+    # SPLIT_DQ: the same dK/dV kernel without atomics, then _bwd_dq_kernel over whole dO rows
+    "split_dq": dict(FUSED_DQ=False, SPLIT_DQ=True, DQ_BLOCK_M=32, DQ_BLOCK_N=16),
+    "split_dq_reload_kv": dict(FUSED_DQ=False, SPLIT_DQ=True, RELOAD_KV=True, BLOCK_M=32, BLOCK_N=16),
 }
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("variant", list(FUSED_VARIANTS))
-def test_fused_backward_variants_match_fp64(interpret, dtype, layout, variant):
+def test_one_pass_backward_variants_match_fp64(interpret, dtype, layout, variant):
     """L = 169 (13x13 map, 1x1 blocks), batch 2, Cqk 40 != Cv 24: partial tiles everywhere."""
     n, cqk, cv, h, w, block = 2, 40, 24, 13, 13, (1, 1)
     q, k, v, grad = _inputs(n, cqk, cv, h, w, dtype, layout, seed=3)
@@ -245,36 +250,45 @@ def test_fused_backward_variants_match_fp64(interpret, dtype, layout, variant):
     _check_against_fp64(_Fn.apply, q, k, v, grad, "long", block, scale)
 
 
-FUSED_OP_CASES = [
-    # (id, N, Cqk, Cv, H, W, block, layout): the op's own fused config (fused_backward(True))
+ONE_PASS_OP_CASES = [
+    # (id, N, Cqk, Cv, H, W, block, layout): the op's own one-pass configs (long_backward("fused"/"split"))
     ("L512_channels_last", 1, 24, 16, 16, 32, (1, 1), "channels_last"),
     ("L169_2x2_nchw", 1, 16, 24, 26, 26, (2, 2), "nchw"),
     ("L150_batch2_strided", 2, 16, 40, 10, 30, (1, 2), "strided"),
 ]
 
 
+@pytest.mark.parametrize("mode", ["fused", "split"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", FUSED_OP_CASES, ids=[c[0] for c in FUSED_OP_CASES])
-def test_fused_backward_through_the_op_matches_fp64(interpret, case, dtype):
+@pytest.mark.parametrize("case", ONE_PASS_OP_CASES, ids=[c[0] for c in ONE_PASS_OP_CASES])
+def test_one_pass_backwards_through_the_op_match_fp64(interpret, case, dtype, mode):
     _, n, cqk, cv, h, w, block, layout = case
     q, k, v, grad = _inputs(n, cqk, cv, h, w, dtype, layout, seed=4)
     gather = kernels.is_gather(True, q, k, v)
-    with kernels.fused_backward(True):
+    with kernels.long_backward(mode):
         cfg = kernels.bwd_config(dtype, (h // block[0]) * (w // block[1]), cqk, cv, gather)
-        assert cfg.get("FUSED_DQ"), cfg
+        assert cfg.get("FUSED_DQ" if mode == "fused" else "SPLIT_DQ"), cfg
         _check_against_fp64(lambda a, b, c: sparse_attention(a, b, c, "long", block, backend="triton"),
                             q, k, v, grad, "long", block, cqk ** -0.5)
 
 
-def test_fused_backward_switch(monkeypatch):
-    """Off by default; the environment variable and the context manager turn it on; short groups never."""
-    monkeypatch.delenv("ISA_TRITON_FUSED_BWD", raising=False)
-    assert not kernels.bwd_config(torch.float16, 512, 256, 512).get("FUSED_DQ")
-    monkeypatch.setenv("ISA_TRITON_FUSED_BWD", "1")
+def test_long_backward_switch(monkeypatch):
+    """Four kernels by default; the environment variable and the context manager pick a one-pass one
+    for long groups only; an unknown mode is refused with the choices."""
+    monkeypatch.delenv("ISA_TRITON_LONG_BWD", raising=False)
+    cfg = kernels.bwd_config(torch.float16, 512, 256, 512)
+    assert cfg["kind"] == "flash" and not cfg.get("FUSED_DQ") and not cfg.get("SPLIT_DQ")
+    monkeypatch.setenv("ISA_TRITON_LONG_BWD", "fused")
     assert kernels.bwd_config(torch.float16, 512, 256, 512).get("FUSED_DQ")
-    with kernels.fused_backward(False):
+    with kernels.long_backward("four"):
         assert not kernels.bwd_config(torch.float16, 512, 256, 512).get("FUSED_DQ")
-    with kernels.fused_backward(True):
-        assert kernels.bwd_config(torch.bfloat16, 512, 256, 512, gather=True).get("FUSED_DQ")
+    with kernels.long_backward("split"):
+        assert kernels.bwd_config(torch.bfloat16, 512, 256, 512, gather=True).get("SPLIT_DQ")
         assert kernels.bwd_config(torch.float16, 64, 256, 512)["kind"] == "tile"
-        assert not kernels.bwd_config(torch.float16, 512, 256, 1024).get("FUSED_DQ")  # Cv too wide
+        assert not kernels.bwd_config(torch.float16, 512, 256, 1024).get("SPLIT_DQ")  # Cv too wide
+    monkeypatch.setenv("ISA_TRITON_LONG_BWD", "fast")
+    with pytest.raises(ValueError, match="four, fused, split"):
+        kernels.bwd_config(torch.float16, 512, 256, 512)
+    with pytest.raises(ValueError, match="four, fused, split"):
+        with kernels.long_backward("one"):
+            pass

@@ -255,6 +255,14 @@ FWD_SWEEP = {
         dict(kind="flash", BLOCK_M=64, BLOCK_N=32, BLOCK_DV=256, num_warps=4, num_stages=2),
         dict(kind="flash", BLOCK_M=128, BLOCK_N=64, BLOCK_DV=256, num_warps=8, num_stages=1),
         dict(kind="flash", BLOCK_M=128, BLOCK_N=32, BLOCK_DV=256, num_warps=8, num_stages=3),
+        # kernels._fwd_tma_kernel: Hopper bulk-tensor copies instead of per-thread loads (K/V multi-buffered
+        # through mbarriers, no address arithmetic in the loop); BLOCK_M/N rounded to whole rows of tokens
+        dict(kind="tma", BLOCK_M=128, BLOCK_N=64, BLOCK_DV=256, num_warps=8, num_stages=2),
+        dict(kind="tma", BLOCK_M=128, BLOCK_N=64, BLOCK_DV=256, num_warps=8, num_stages=3),
+        dict(kind="tma", BLOCK_M=128, BLOCK_N=32, BLOCK_DV=256, num_warps=8, num_stages=4),
+        dict(kind="tma", BLOCK_M=128, BLOCK_N=64, BLOCK_DV=128, num_warps=8, num_stages=3),
+        dict(kind="tma", BLOCK_M=64, BLOCK_N=64, BLOCK_DV=256, num_warps=4, num_stages=2),
+        dict(kind="tma", BLOCK_M=64, BLOCK_N=32, BLOCK_DV=256, num_warps=4, num_stages=3),
     ],
     "gather": [
         dict(kind="flash", BLOCK_M=128, BLOCK_N=32, BLOCK_DV=128, num_warps=8, num_stages=2),

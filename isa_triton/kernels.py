@@ -21,8 +21,13 @@ Kernels (fp32 accumulation; fp32, fp16 and bf16 inputs):
 - long groups (L > 128, e.g. 512 for a 128x256 feature map): FlashAttention-2 style.
   ``_fwd_flash_kernel`` tiles the keys with an online softmax (base-2) and splits Cv across
   programs (BLOCK_DV columns each; an fp32 accumulator of 128 x 512 does not fit one program),
-  saving the row log-sum-exp; the backward recomputes P from it: ``_bwd_delta_kernel``
-  (rowsum dO*O), ``_bwd_dkdv_kernel`` (dk, and dv when Cv fits one chunk), ``_bwd_dv_kernel``
+  saving the row log-sum-exp. ``_fwd_tma_kernel`` (config kind "tma"; channels_last 16-bit maps,
+  Cqk <= 256) is the same algorithm fed by Hopper's bulk-tensor copies: a long-range group is a
+  strided 3-D box [H/bh, W/bw, C] of its map, described on the device with
+  `tl.make_tensor_descriptor` (Triton then multi-buffers K/V through mbarriers); compiled for
+  sm_90a (TMA copies, wgmma, no spills) and tested in the interpreter, not yet timed on a GPU, so
+  `isa bench kernels --sweep` lists it beside the default. The backward recomputes P from the
+  LSE: ``_bwd_delta_kernel`` (rowsum dO*O), ``_bwd_dkdv_kernel`` (dk, and dv when Cv fits one chunk), ``_bwd_dv_kernel``
   (dv per Cv chunk otherwise) and ``_bwd_dq_kernel`` -- S = QK^T is recomputed 3+ times and
   dP = dO V^T twice. The one-pass alternative (config key ``FUSED_DQ``; `long_backward("fused")`, or
   ``ISA_TRITON_LONG_BWD=fused``) is ``_bwd_fused_kernel``:
@@ -292,6 +297,68 @@ def _fwd_flash_kernel(
     tl.store(O + n * so_n + po[:, None] + offs_dv[None, :] * so_c, acc.to(O.dtype.element_ty),
              mask=m_ok[:, None] & dv_ok[None, :])
     tl.store(LSE + bg * L + offs_m, m_i + tl.log2(l_i), mask=m_ok & (dv_blk == 0))
+
+
+@triton.jit
+def _fwd_tma_kernel(
+    Q, K, V, O, LSE,
+    sq_n, sq_h, sq_w, sk_n, sk_h, sk_w, sv_n, sv_h, sv_w, so_n, so_h, so_w,
+    G, gh, gw, CQK, CV, NUM_DV, qk_scale,
+    BH: tl.constexpr, BW: tl.constexpr,
+    ROWS_M: tl.constexpr, ROWS_N: tl.constexpr, GWB: tl.constexpr, BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """Long groups of channels_last 16-bit maps through TMA tensor descriptors (sm_90+).
+
+    A group (n, lh, lw) is the strided 3-D box [gh, gw, C] with strides (BH*s_h, BW*s_w, 1) of its
+    map, so Hopper's bulk-tensor copies fetch ROWS x GWB tokens x channels per tile (GWB = gw
+    rounded up to a power of two; the copy zero-fills tokens past gw and gh and clips the
+    store). Otherwise `_fwd_flash_kernel`: online softmax over key tiles, Cv split over programs.
+    """
+    BLOCK_M: tl.constexpr = ROWS_M * GWB
+    BLOCK_N: tl.constexpr = ROWS_N * GWB
+    per_group = ((gh + ROWS_M - 1) // ROWS_M) * NUM_DV
+    pid = tl.program_id(0)
+    bg = pid // per_group
+    m_blk = (pid % per_group) // NUM_DV
+    dv_blk = pid % NUM_DV
+    n = (bg // G).to(tl.int64)
+    grp = bg % G
+    lh = grp // BW
+    lw = grp % BW
+    q_desc = tl.make_tensor_descriptor(Q + n * sq_n + lh * sq_h + lw * sq_w, shape=[gh, gw, CQK],
+                                       strides=[BH * sq_h, BW * sq_w, 1], block_shape=[ROWS_M, GWB, BLOCK_DK])
+    k_desc = tl.make_tensor_descriptor(K + n * sk_n + lh * sk_h + lw * sk_w, shape=[gh, gw, CQK],
+                                       strides=[BH * sk_h, BW * sk_w, 1], block_shape=[ROWS_N, GWB, BLOCK_DK])
+    v_desc = tl.make_tensor_descriptor(V + n * sv_n + lh * sv_h + lw * sv_w, shape=[gh, gw, CV],
+                                       strides=[BH * sv_h, BW * sv_w, 1], block_shape=[ROWS_N, GWB, BLOCK_DV])
+    o_desc = tl.make_tensor_descriptor(O + n * so_n + lh * so_h + lw * so_w, shape=[gh, gw, CV],
+                                       strides=[BH * so_h, BW * so_w, 1], block_shape=[ROWS_M, GWB, BLOCK_DV])
+    row0 = m_blk * ROWS_M
+    q = tl.reshape(q_desc.load([row0, 0, 0]), [BLOCK_M, BLOCK_DK])
+    offs_n0 = tl.arange(0, BLOCK_N)
+    col_ok = (offs_n0 % GWB) < gw
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
+    for r0 in range(0, gh, ROWS_N):
+        k = tl.reshape(k_desc.load([r0, 0, 0]), [BLOCK_N, BLOCK_DK])
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where((col_ok & (r0 + offs_n0 // GWB < gh))[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.reshape(v_desc.load([r0, 0, dv_blk * BLOCK_DV]), [BLOCK_N, BLOCK_DV])
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(V.dtype.element_ty), v, acc)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    o_desc.store([row0, 0, dv_blk * BLOCK_DV], tl.reshape(acc.to(O.dtype.element_ty), [ROWS_M, GWB, BLOCK_DV]))
+    offs_m = tl.arange(0, BLOCK_M)
+    row = row0 + offs_m // GWB
+    col = offs_m % GWB
+    tl.store(LSE + bg * gh * gw + row * gw + col, m_i + tl.log2(l_i), mask=(row < gh) & (col < gw) & (dv_blk == 0))
 
 
 @triton.jit
@@ -737,9 +804,27 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"  # ignored for 16-bit inputs: tensor cores with fp32 accumulation
 
 
-def _strides(x: torch.Tensor, prefix: str) -> Dict[str, int]:
+def _strides(x: torch.Tensor, prefix: str, channels: bool = True) -> Dict[str, int]:
     sn, sc, sh, sw = x.stride()
-    return {f"{prefix}_n": sn, f"{prefix}_c": sc, f"{prefix}_h": sh, f"{prefix}_w": sw}
+    out = {f"{prefix}_n": sn, f"{prefix}_c": sc, f"{prefix}_h": sh, f"{prefix}_w": sw}
+    if not channels:  # the TMA kernel's channel stride is 1 by construction
+        del out[f"{prefix}_c"]
+    return out
+
+
+TMA_MAX_BOX = 256  # elements per dimension of one bulk-tensor copy
+TMA_MAX_GW = 128  # a tile holds at least one whole row of a group's tokens
+
+
+def tma_eligible(geo: "Geometry", block_dk: int, block_dv: int, *tensors: torch.Tensor) -> bool:
+    """Whether `_fwd_tma_kernel` can read these maps: long range, 16-bit, channels_last with channel
+    counts that are multiples of 8 (16-byte aligned rows and strides), whole Cqk in one box."""
+    q = tensors[0]
+    return (geo.long_range and q.dtype in (torch.float16, torch.bfloat16) and _np2(geo.gw) <= TMA_MAX_GW
+            and block_dk >= q.shape[1] and max(block_dk, block_dv) <= TMA_MAX_BOX
+            and all(t.dtype == q.dtype and t.stride(1) == 1 and t.shape[1] % 8 == 0
+                    and all(st % 8 == 0 for st in (t.stride(0), t.stride(2), t.stride(3)))
+                    and (t.device.type == "meta" or t.data_ptr() % 16 == 0) for t in tensors))
 
 
 def _geo_args(geo: Geometry) -> Dict[str, Any]:
@@ -904,6 +989,21 @@ def _fwd_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         args = dict(common, L=L, G=G, NG=ng, gw=geo.gw, CQK=cqk, CV=cv, CV_PER=cv_per, qk_scale=scale * _LOG2E)
         return [Launch(_fwd_tile_kernel, (triton.cdiv(ng, gpp) * split,), args, cx, warps, stages, "fwd_tile")]
     num_dv = triton.cdiv(cv, cx["BLOCK_DV"])
+    if kind == "tma":
+        if not tma_eligible(geo, cx["BLOCK_DK"], cx["BLOCK_DV"], q, k, v, out):
+            raise ValueError("a 'tma' forward config needs channels_last 16-bit long-range maps with channel counts "
+                             "that are multiples of 8, BLOCK_DK >= Cqk and BLOCK_DK, BLOCK_DV <= 256")
+        gwb = _np2(geo.gw)
+        rows_m, rows_n = max(1, cx.pop("BLOCK_M") // gwb), max(1, cx.pop("BLOCK_N") // gwb)
+        cx.pop("PREC")
+        cx.pop("LONG")
+        args = dict(Q=q, K=k, V=v, O=out, LSE=lse, **_strides(q, "sq", channels=False),
+                    **_strides(k, "sk", channels=False), **_strides(v, "sv", channels=False),
+                    **_strides(out, "so", channels=False), G=G, gh=geo.h // geo.bh, gw=geo.gw, CQK=cqk, CV=cv,
+                    NUM_DV=num_dv, qk_scale=scale * _LOG2E)
+        cx.update(ROWS_M=rows_m, ROWS_N=rows_n, GWB=gwb)
+        grid = (triton.cdiv(geo.h // geo.bh, rows_m) * num_dv * ng,)
+        return [Launch(_fwd_tma_kernel, grid, args, cx, warps, stages, "fwd_tma")]
     args = dict(common, L=L, G=G, gw=geo.gw, CQK=cqk, CV=cv, NUM_DV=num_dv, qk_scale=scale * _LOG2E)
     grid = (triton.cdiv(L, cx["BLOCK_M"]) * num_dv * ng,)
     return [Launch(_fwd_flash_kernel, grid, args, cx, warps, stages, "fwd_flash")]
@@ -1071,7 +1171,23 @@ def _interpreter_session():
             setattr(tl, name, fn)
 
 
+def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
+    """Global scratch for kernels that build TMA descriptors on the device (128 bytes each)."""
+    on_gpu = torch.cuda.is_available() and not interpreter_enabled()
+    return torch.empty(size, dtype=torch.int8, device="cuda" if on_gpu else "cpu")
+
+
+def _ensure_allocator() -> None:
+    """Give Triton a scratch allocator for device-side tensor descriptors, unless the user set one."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
 def _launch(plans: Sequence[Launch], device: torch.device) -> None:
+    if any(p.kernel is _fwd_tma_kernel for p in plans):
+        _ensure_allocator()
     if interpreter_enabled():
         with _interpreter_session():
             for p in plans:

@@ -152,8 +152,8 @@ def test_quick_demo_writes_every_output_and_reports_the_figures(tmp_path, monkey
     built = []
     real_build = engine.build_model
 
-    def recording_build(cfg, num_classes):
-        model = real_build(cfg, num_classes)
+    def recording_build(cfg, num_classes, **kwargs):
+        model = real_build(cfg, num_classes, **kwargs)
         built.append({k: v.clone() for k, v in model.state_dict().items()})
         return model
 

@@ -259,3 +259,65 @@ def test_cli_download(served, tmp_path, capsys):
     assert args.func(args) == 2 and "--url needs exactly one variant" in capsys.readouterr().err
     args = parser.parse_args(["download", "isanet_r5O*", "--cache-dir", str(cache)])
     assert args.func(args) == 2 and "unknown model" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def backbone_bytes():
+    """mmcv-style ImageNet ResNet-50 V1c weights: the backbone's keys without prefix, plus `fc.*`."""
+    state = ISANet(get_config(NAME)).backbone.state_dict()
+    small = {k: torch.full((), i + 1, dtype=v.dtype).expand(v.shape) for i, (k, v) in enumerate(state.items())}
+    small.update({"fc.weight": torch.zeros(()).expand(1000, 2048), "fc.bias": torch.zeros(1000)})
+    buffer = io.BytesIO()
+    torch.save({"state_dict": small}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def served_backbone(server, backbone_bytes, monkeypatch):
+    """NAME's `pretrained_url` pointed at the local server, named with the served file's sha256 prefix."""
+    import dataclasses
+
+    file_name = f"resnet50_v1c-{hashlib.sha256(backbone_bytes).hexdigest()[:8]}.pth"
+    server.routes[f"/pretrain/{file_name}"] = backbone_bytes
+    config = dataclasses.replace(get_config(NAME), pretrained_url=f"{server.base}/pretrain/{file_name}")
+    monkeypatch.setattr(hub, "get_config", lambda name: config if name == NAME else get_config(name))
+    return file_name
+
+
+def test_backbone_weights_are_fetched_once_checked_and_load_into_the_model(served_backbone, server, tmp_path):
+    from train.engine import load_backbone_weights
+
+    cache = tmp_path / "cache"
+    path = hub.backbone_weights(NAME, cache_dir=cache, progress=False)
+    assert path == cache / served_backbone and _files(cache) == [served_backbone]
+    assert hub.backbone_weights(NAME, cache_dir=cache, progress=False) == path
+    assert len(server.requests) == 1  # the second call used the cache
+    model = ISANet(get_config(NAME))
+    assert load_backbone_weights(model, str(path)) == ["fc.bias", "fc.weight"]
+    assert torch.all(model.backbone.stem[0].weight == 1)
+    path.write_bytes(path.read_bytes()[:-1] + b"!")  # a corrupted cache file is refused, not used
+    with pytest.raises(DownloadError, match="delete or replace it"):
+        hub.backbone_weights(NAME, cache_dir=cache, progress=False)
+
+
+def test_backbone_download_errors_name_the_escape_hatch(server, tmp_path):
+    published = get_config(NAME).pretrained_url  # resnet50_v1c-2cccc1ad.pth: the served bytes do not match
+    server.routes["/resnet50_v1c-2cccc1ad.pth"] = b"not the published file"
+    with pytest.raises(DownloadError, match="its name says 2cccc1ad"):
+        hub.backbone_weights(NAME, cache_dir=tmp_path, url=server.base + "/resnet50_v1c-2cccc1ad.pth", progress=False)
+    assert _files(tmp_path) == []
+    with pytest.raises(DownloadError) as err:
+        hub.backbone_weights(NAME, cache_dir=tmp_path, url=_closed_port_url(), progress=False)
+    message = str(err.value)
+    assert "Offline?" in message and str(tmp_path / published.rsplit("/", 1)[1]) in message
+    assert "--backbone-weights /path/to/resnet50_v1c-2cccc1ad.pth" in message
+
+
+def test_cli_download_with_backbone(served, served_backbone, tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="isa")
+    add_download_parser(parser.add_subparsers(dest="command"))
+    cache = tmp_path / "cache"
+    args = parser.parse_args(["download", NAME, "--cache-dir", str(cache), "--url", served, "--backbone",
+                              "--no-progress"])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.split() == [str(cache / f"{NAME}.safetensors"), str(cache / served_backbone)]

@@ -149,7 +149,8 @@ def _check(launches):
     failures, rows = [], []
     for launch in launches.values():
         stats = compile_sm90(launch)
-        blocks = {k: v for k, v in launch.constexprs.items() if k.startswith(("BLOCK", "GROUPS", "DQ_", "RELOAD", "DV_SPLIT"))}
+        blocks = {k: v for k, v in launch.constexprs.items()
+                  if k.startswith(("BLOCK", "GROUPS", "DQ_", "RELOAD", "DV_SPLIT", "ROWS", "GWB"))}
         rows.append(f"{launch.name:<10} {blocks} warps={launch.num_warps} stages={launch.num_stages}: "
                     f"smem {stats['shared']} B, {stats['regs']} regs, spills {stats['spill_stores']}/{stats['spill_loads']}")
         if stats["shared"] > H100_SMEM:
@@ -183,7 +184,8 @@ def test_one_pass_backward_configs_fit_an_h100(dtype):
 def test_sweep_configs_fit_an_h100():
     """Every alternative `isa bench kernels --sweep` times (bf16, as it runs them) fits sm_90 too."""
     launches = sweep_launches(torch.bfloat16)
-    assert {"fwd_flash", "fwd_tile", "bwd_dkdv", "bwd_fused", "bwd_kv", "bwd_dq"} <= {v.name for v in launches.values()}
+    names = {v.name for v in launches.values()}
+    assert {"fwd_flash", "fwd_tma", "fwd_tile", "bwd_dkdv", "bwd_fused", "bwd_kv", "bwd_dq"} <= names
     _check(launches)
 
 

@@ -74,6 +74,25 @@ def _check_against_fp64(triton_fn, q, k, v, grad, pattern, block, scale):
         assert err <= 2 * eager_err + atol, f"{name}: triton error {err:.3g} > 2 x eager {eager_err:.3g} + {atol}"
 
 
+def _with_configs(fwd_cfg, bwd_cfg, pattern, block, scale):
+    """The kernels as an autograd function with explicit launch configs (None: the op's own)."""
+    long_range = pattern == "long"
+
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b, c):
+            out, lse = kernels._forward_impl(a, b, c, long_range, block[0], block[1], scale, fwd_cfg)
+            ctx.save_for_backward(a, b, c, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, do):
+            a, b, c, out, lse = ctx.saved_tensors
+            return kernels._backward_impl(do, a, b, c, out, lse, long_range, block[0], block[1], scale, bwd_cfg)
+
+    return _Fn.apply
+
+
 # (id, N, Cqk, Cv, H, W, block, pattern, layout): tile and flash paths, gather and vector loads
 CASES = [
     ("long_8x8_nchw_L6", 1, 16, 24, 16, 24, (8, 8), "long", "nchw"),
@@ -121,21 +140,28 @@ def test_every_kernel_loop_and_branch_matches_fp64(interpret, dtype, fwd_cfg, bw
     n, cqk, cv, h, w = shape
     q, k, v, grad = _inputs(n, cqk, cv, h, w, dtype, "nchw", seed=1)
     scale = 0.3
-    long_range = pattern == "long"
+    _check_against_fp64(_with_configs(fwd_cfg, bwd_cfg, pattern, block, scale), q, k, v, grad, pattern, block, scale)
 
-    class _Fn(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, a, b, c):
-            out, lse = kernels._forward_impl(a, b, c, long_range, block[0], block[1], scale, fwd_cfg)
-            ctx.save_for_backward(a, b, c, out, lse)
-            return out
 
-        @staticmethod
-        def backward(ctx, do):
-            a, b, c, out, lse = ctx.saved_tensors
-            return kernels._backward_impl(do, a, b, c, out, lse, long_range, block[0], block[1], scale, bwd_cfg)
+# The TMA forward (kind "tma"): tensor descriptors over channels_last 16-bit maps. gw = 13 and 10
+# (tiles of 16 columns, zero-filled past gw), rows not a multiple of ROWS, a Cv split over programs
+# (BLOCK_DV 16 of Cv 40: one partial box) and batch 2; the backward reads its LSE.
+TMA_CFG = dict(kind="tma", BLOCK_M=32, BLOCK_N=16, BLOCK_DK=32, BLOCK_DV=16, num_warps=4, num_stages=2)
 
-    _check_against_fp64(_Fn.apply, q, k, v, grad, pattern, block, scale)
+
+@pytest.mark.parametrize("shape,block", [((2, 24, 40, 10, 26), (2, 2)), ((1, 16, 24, 20, 40), (2, 4))],
+                         ids=["gw13_batch2_cv_split", "gw10_rows_partial"])
+def test_tma_forward_matches_fp64(interpret, shape, block):
+    n, cqk, cv, h, w = shape
+    q, k, v, grad = _inputs(n, cqk, cv, h, w, torch.float16, "channels_last", seed=5)
+    scale = cqk ** -0.5
+    _check_against_fp64(_with_configs(TMA_CFG, None, "long", block, scale), q, k, v, grad, "long", block, scale)
+
+
+def test_tma_forward_refuses_maps_it_cannot_describe(interpret):
+    q, k, v, _ = _inputs(1, 16, 24, 8, 8, torch.float16, "nchw")
+    with pytest.raises(ValueError, match="channels_last 16-bit"):
+        kernels._forward_impl(q, k, v, True, 2, 2, 0.25, TMA_CFG)
 
 
 def test_torch_compile_fullgraph_runs_the_custom_op(interpret):
@@ -234,20 +260,7 @@ def test_one_pass_backward_variants_match_fp64(interpret, dtype, layout, variant
     q, k, v, grad = _inputs(n, cqk, cv, h, w, dtype, layout, seed=3)
     scale = 0.3
     cfg = _fused_cfg(cqk, cv, **FUSED_VARIANTS[variant])
-
-    class _Fn(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, a, b, c):
-            out, lse = kernels._forward_impl(a, b, c, True, block[0], block[1], scale)
-            ctx.save_for_backward(a, b, c, out, lse)
-            return out
-
-        @staticmethod
-        def backward(ctx, do):
-            a, b, c, out, lse = ctx.saved_tensors
-            return kernels._backward_impl(do, a, b, c, out, lse, True, block[0], block[1], scale, cfg)
-
-    _check_against_fp64(_Fn.apply, q, k, v, grad, "long", block, scale)
+    _check_against_fp64(_with_configs(None, cfg, "long", block, scale), q, k, v, grad, "long", block, scale)
 
 
 ONE_PASS_OP_CASES = [

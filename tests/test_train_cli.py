@@ -68,3 +68,15 @@ def test_isa_train_is_a_subcommand_of_isa():
 
     args = build_parser().parse_args(["train", "--model", "isanet_r50-d8_512x512_20k_voc12aug", "--data", "x"])
     assert args.command == "train" and args.model == "isanet_r50-d8_512x512_20k_voc12aug"
+
+
+def test_recipe_fetches_the_imagenet_backbone_like_mmseg_unless_told_otherwise(caplog):
+    recipe = ("--recipe", "isanet_r101-d8_512x512_80k_ade20k", "--data-root", "d")
+    assert config_from_args(_args(*recipe)).backbone_weights == "auto"
+    assert config_from_args(_args(*recipe, "--weights", "w.safetensors")).backbone_weights is None
+    with caplog.at_level("WARNING"):
+        assert config_from_args(_args(*recipe, "--backbone-weights", "none")).backbone_weights is None
+    assert "random init" in caplog.text and "resnet101_v1c" in caplog.text
+    finetune = ("--model", "isanet_r50-d8_512x512_20k_voc12aug", "--data", "x")
+    assert config_from_args(_args(*finetune)).backbone_weights is None
+    assert config_from_args(_args(*finetune, "--backbone-weights", "none")).backbone_weights is None

@@ -5,8 +5,6 @@ Run by pytest, and also run *as a script* under torchrun by the float64 test (th
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,17 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = "isanet_r50-d8_512x512_20k_voc12aug"
 
 
-@pytest.fixture(autouse=True)
-def _free_disk(tmp_path):
-    yield
-    shutil.rmtree(tmp_path, ignore_errors=True)  # an R-50 training checkpoint is ~300 MB
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ISA_TRAIN_KILL_AT"):
-        env.pop(key, None)
-    return env
+pytestmark = pytest.mark.usefixtures("free_disk")
 
 
 def _torchrun(*args: str):
@@ -82,9 +70,9 @@ def _worker(out_path: str) -> None:
     dist.destroy_process_group()
 
 
-def test_float64_ddp_step_with_gloo_sync_bn_equals_single_process_step(tmp_path):
+def test_float64_ddp_step_with_gloo_sync_bn_equals_single_process_step(tmp_path, child_env):
     out = tmp_path / "ddp.pt"
-    proc = subprocess.Popen(_torchrun(__file__, str(out)), env=_env(), cwd=REPO,
+    proc = subprocess.Popen(_torchrun(__file__, str(out)), env=child_env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     torch.set_num_threads(1)
     model, x, y = _fp64_model_and_batch()
@@ -100,7 +88,7 @@ def test_float64_ddp_step_with_gloo_sync_bn_equals_single_process_step(tmp_path)
 
 # ------------------------------------------------------------------------------------------ the CLI, fp32
 
-def test_torchrun_two_processes_one_step_matches_one_process_on_the_same_global_batch(tmp_path):
+def test_torchrun_two_processes_one_step_matches_one_process_on_the_same_global_batch(tmp_path, child_env):
     from safetensors.torch import load_file
 
     from train.synthetic import make_synthetic_dataset
@@ -110,9 +98,9 @@ def test_torchrun_two_processes_one_step_matches_one_process_on_the_same_global_
     common = ["--model", MODEL, "--data", str(data), "--weights", "none", "--iters", "1", "--crop-size", "64", "64",
               "--batch-size", "4", "--device", "cpu", "--threads", "1", "--dropout", "0", "--seed", "0",
               "--log-interval", "1", "--no-progress"]
-    two = subprocess.Popen(_torchrun("-m", "train", *common, "--work-dir", str(tmp_path / "two")), env=_env(),
+    two = subprocess.Popen(_torchrun("-m", "train", *common, "--work-dir", str(tmp_path / "two")), env=child_env(),
                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    one = subprocess.run([sys.executable, "-m", "train", *common, "--work-dir", str(tmp_path / "one")], env=_env(),
+    one = subprocess.run([sys.executable, "-m", "train", *common, "--work-dir", str(tmp_path / "one")], env=child_env(),
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     log, _ = two.communicate(timeout=300)
     assert one.returncode == 0, one.stdout + one.stderr

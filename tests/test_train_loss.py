@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from train.loss import isanet_loss, seg_cross_entropy
 from train.schedule import PolyLR, poly_lr

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,17 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = "isanet_r50-d8_512x512_20k_voc12aug"
 
 
-@pytest.fixture(autouse=True)
-def _free_disk(tmp_path):
-    yield
-    shutil.rmtree(tmp_path, ignore_errors=True)  # an R-50 training checkpoint is ~300 MB
-
-
-def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("ISA_TRAIN_KILL_AT", None)
-    env.update(extra)
-    return env
+pytestmark = pytest.mark.usefixtures("free_disk")
 
 
 def _train_cmd(data: Path, work_dir: Path, *extra: str):
@@ -44,15 +32,15 @@ def _train_records(work_dir: Path):
     return [json.loads(line) for line in lines]
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_weights_bit_for_bit(tmp_path):
+def test_sigkill_then_resume_gives_the_uninterrupted_weights_bit_for_bit(tmp_path, child_env):
     data = make_synthetic_dataset(tmp_path / "data", num_train=6, num_val=1, size_hw=(72, 80))
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     # the reference run and the run that dies run side by side (one thread each)
-    reference = subprocess.Popen(_train_cmd(data, straight), env=_env(), cwd=REPO,
+    reference = subprocess.Popen(_train_cmd(data, straight), env=child_env(), cwd=REPO,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # killed after iteration 4's checkpoint is written to its temporary file, before the rename:
     # iterations 3-4 and their log lines are lost, iter_2.pt is the newest complete checkpoint
-    killed = subprocess.run(_train_cmd(data, crashed), env=_env(ISA_TRAIN_KILL_AT="write:4"), cwd=REPO,
+    killed = subprocess.run(_train_cmd(data, crashed), env=child_env(ISA_TRAIN_KILL_AT="write:4"), cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     names = sorted(p.name for p in (crashed / "checkpoints").iterdir())
@@ -63,7 +51,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights_bit_for_bit(tmp_pat
     # a corrupt newer checkpoint (e.g. a truncated copy) must be skipped with a warning
     (crashed / "checkpoints" / "iter_3.pt").write_bytes((crashed / "checkpoints" / "iter_2.pt").read_bytes()[:4096])
 
-    resumed = subprocess.run(_train_cmd(data, crashed, "--resume"), env=_env(), cwd=REPO,
+    resumed = subprocess.run(_train_cmd(data, crashed, "--resume"), env=child_env(), cwd=REPO,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "iter_3.pt" in resumed.stderr and "corrupt" in resumed.stderr

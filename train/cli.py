@@ -1,6 +1,6 @@
 """`isa train` (and `python -m train`): reproduce a published recipe or fine-tune on a custom dataset.
 
-Reproduction:  isa train --recipe NAME --data-root DIR [--backbone-weights resnet50_v1c.pth]
+Reproduction:  isa train --recipe NAME --data-root DIR   (ImageNet backbone fetched like MMSeg's)
 Fine-tuning:   isa train --model NAME --data DIR [--weights W] [--num-classes K] --iters N
                          --crop-size H W --batch-size B --work-dir OUT [--resume] ...
 Multi-GPU:     torchrun --nproc_per_node=G -m train ...   (or `torchrun ... $(which isa) train ...`)
@@ -18,8 +18,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 HELP_EPILOG = """examples:
-  isa train --recipe isanet_r50-d8_512x1024_40k_cityscapes --data-root data/cityscapes \\
-            --backbone-weights resnet50_v1c-2cccc1ad.pth
+  isa train --recipe isanet_r50-d8_512x1024_40k_cityscapes --data-root data/cityscapes
   torchrun --nproc_per_node=4 -m train --recipe isanet_r50-d8_512x512_80k_ade20k \\
             --data-root data/ade/ADEChallengeData2016 --backbone-weights resnet50_v1c-2cccc1ad.pth
   isa train --model isanet_r50-d8_512x512_20k_voc12aug --data my_data --iters 2000 \\
@@ -38,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     init = p.add_argument_group("initialisation")
     init.add_argument("--weights", metavar="W", help="full-model weights: 'auto' (published; default for --model), "
                       "a .safetensors/.pth file, or 'none' (random init; default for --recipe)")
-    init.add_argument("--backbone-weights", metavar="PTH", help="ImageNet ResNetV1c weights (mmcv resnet50_v1c / "
-                      "resnet101_v1c .pth) for --recipe")
+    init.add_argument("--backbone-weights", metavar="PTH", help="ImageNet ResNetV1c weights: 'auto' (mmcv's "
+                      "resnet50_v1c / resnet101_v1c, downloaded once into the cache; default for --recipe without "
+                      "--weights), a .pth file, or 'none'")
     init.add_argument("--num-classes", type=int, metavar="K", help="class count (when the dataset has no dataset.json)")
     sched = p.add_argument_group("schedule (defaults: the recipe's)")
     sched.add_argument("--iters", type=int, metavar="N")
@@ -98,15 +98,22 @@ def config_from_args(args: argparse.Namespace):
             raise ValueError("--recipe needs --data-root DIR (the dataset in MMSegmentation's layout)")
         if args.data:
             raise ValueError("--data is for --model fine-tuning; with --recipe use --data-root")
-        if not args.backbone_weights and args.weights in (None, "none"):
-            logging.getLogger(__name__).warning(
-                "no --backbone-weights: the backbone starts from random init, which does not reproduce the "
-                "published recipe (it starts from ImageNet resnet%s_v1c)", "101" if "r101" in args.recipe else "50")
+        if args.weights in (None, "none"):
+            if args.backbone_weights is None:  # MMSeg's recipe: pretrained='open-mmlab://resnet50_v1c'
+                common["backbone_weights"] = "auto"
+            elif args.backbone_weights == "none":
+                logging.getLogger(__name__).warning(
+                    "--backbone-weights none: the backbone starts from random init, which does not reproduce the "
+                    "published recipe (it starts from ImageNet resnet%s_v1c)", "101" if "r101" in args.recipe else "50")
+        if common.get("backbone_weights") == "none":
+            del common["backbone_weights"]
         return TrainConfig.from_recipe(args.recipe, args.data_root, **common)
     if not args.data:
         raise ValueError("--model needs --data DIR (DIR/images/train + DIR/masks/train)")
     if args.data_root:
         raise ValueError("--data-root is for --recipe; with --model use --data")
+    if common.get("backbone_weights") == "none":
+        del common["backbone_weights"]
     return TrainConfig.for_finetune(args.model, args.data, **common)
 
 

@@ -28,7 +28,7 @@ import os
 import resource
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -245,13 +245,32 @@ def load_backbone_weights(model: nn.Module, path: str) -> List[str]:
     return ignored
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """zoo model with the requested init; only the classifiers are re-initialised for a new K."""
-    from zoo import create_model
+def _fetch_on_main_first(cfg: TrainConfig, ctx: D.DistContext) -> None:
+    """Download 'auto' weights on rank 0 only, so that the other ranks find them in the cache."""
+    from zoo.hub import backbone_weights, resolve_weights
 
-    weights = None if cfg.weights in (None, "", "none") else cfg.weights
+    if ctx.is_main:
+        if cfg.weights == "auto":
+            resolve_weights(cfg.model, "auto", progress=cfg.progress)
+        if cfg.backbone_weights == "auto":
+            backbone_weights(cfg.model, progress=cfg.progress)
+    D.barrier(ctx)
+
+
+def build_model(cfg: TrainConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
+    """zoo model with the requested init; only the classifiers are re-initialised for a new K.
+
+    `pretrained=False` skips `cfg.weights` and `cfg.backbone_weights` (a resumed run loads its own)."""
+    from zoo import create_model
+    from zoo.hub import backbone_weights
+
+    weights = None if cfg.weights in (None, "", "none") or not pretrained else cfg.weights
     model = create_model(cfg.model, weights=weights, num_classes=num_classes, backend=cfg.backend)
-    if cfg.backbone_weights:
+    if not pretrained:
+        pass
+    elif cfg.backbone_weights == "auto":
+        load_backbone_weights(model, str(backbone_weights(cfg.model, progress=cfg.progress)))
+    elif cfg.backbone_weights:
         load_backbone_weights(model, cfg.backbone_weights)
     if cfg.dropout is not None:
         for m in model.modules():
@@ -336,8 +355,12 @@ def _run(cfg: TrainConfig, ctx: D.DistContext) -> Dict[str, Any]:
                          f"({cfg.data_root}); drop --num-classes or fix dataset.json")
     classes = list(train_base.classes)
 
+    # a resumed run takes every weight from its checkpoint: no initial weights to read or download
+    found = ckpt.load_latest_checkpoint(work, map_location="cpu") if cfg.resume else None
+    if found is None and ctx.distributed and "auto" in (cfg.weights, cfg.backbone_weights):
+        _fetch_on_main_first(cfg, ctx)
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-    model = build_model(cfg, num_classes).to(device)
+    model = build_model(cfg, num_classes, pretrained=found is None).to(device)
     align_corners = bool(model.align_corners)
     norm = model.config.img_norm
     transforms = build_train_transforms(cfg.crop_size_hw, cfg.img_scale_wh, cfg.ratio_range, cfg.cat_max_ratio,
@@ -358,7 +381,6 @@ def _run(cfg: TrainConfig, ctx: D.DistContext) -> Dict[str, Any]:
     last_good: Optional[Path] = None
     rng_restore = None
     if cfg.resume:
-        found = ckpt.load_latest_checkpoint(work, map_location="cpu")
         if found is None:
             if ctx.is_main:
                 log.warning("--resume: no checkpoint in %s; starting from scratch", ckpt.checkpoint_dir(work))

@@ -14,6 +14,7 @@ converted on first use without any network access. `$ISA_HUB_URL` replaces the U
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import http.client
@@ -26,7 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 from tqdm import tqdm
 
@@ -104,11 +105,11 @@ def _check_hash(sha256: str, expected_prefix: Optional[str], source: str, placed
                             f"{sha256[:8]}..., its name says {expected_prefix}: {fix}")
 
 
-def _offline_message(name: str, url: str, reason: str, cache: Path, offline: bool = True) -> str:
+def _offline_message(what: str, url: str, reason: str, cache: Path, offline: bool = True,
+                     instead: str = "weights='/path/to/the.pth'", place_as: Optional[str] = None) -> str:
     where = "Offline? Download that URL elsewhere" if offline else "Download it elsewhere"
-    return (f"cannot download the weights of {name} from {url} ({reason}). {where} and copy the file "
-            f"to {cache / _file_name(url)} (it is hash-checked and converted on first use), or pass "
-            "weights='/path/to/the.pth'")
+    return (f"cannot download the weights of {what} from {url} ({reason}). {where} and copy the file "
+            f"to {cache / (place_as or _file_name(url))} (it is hash-checked on first use), or pass {instead}")
 
 
 def _stream(url: str, out, progress: bool, label: str) -> str:
@@ -166,7 +167,19 @@ def download(name: str, *, cache_dir: Optional[PathLike] = None, progress: bool 
         _check_hash(sha256_file(placed), expected_prefix, str(placed), placed=True)
         log.info("using %s placed in the cache", placed)
         return convert_checkpoint(placed, dst, name)
+    with _fetch(url, cache, expected_prefix, name, progress) as tmp:
+        if keep_pth:
+            os.replace(tmp, placed)
+            return convert_checkpoint(placed, dst, name)
+        return convert_checkpoint(tmp, dst, name)
 
+
+@contextlib.contextmanager
+def _fetch(url: str, cache: Path, expected_prefix: Optional[str], what: str, progress: bool,
+           instead: str = "weights='/path/to/the.pth'", place_as: Optional[str] = None) -> Iterator[Path]:
+    """Download `url` to a temp file in `cache`, check its sha256 prefix, yield it; always removed after
+    (move it away inside the block to keep it): nothing partial or unchecked stays in the cache."""
+    file_name = _file_name(url)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".part", dir=cache)
     tmp = Path(tmp_name)
     try:
@@ -176,21 +189,49 @@ def download(name: str, *, cache_dir: Optional[PathLike] = None, progress: bool 
                 out.flush()
                 os.fsync(out.fileno())
         except urllib.error.HTTPError as exc:
-            raise DownloadError(_offline_message(name, url, f"HTTP {exc.code} {exc.reason}", cache,
-                                                offline=False)) from exc
+            raise DownloadError(_offline_message(what, url, f"HTTP {exc.code} {exc.reason}", cache,
+                                                offline=False, instead=instead, place_as=place_as)) from exc
         except urllib.error.URLError as exc:
-            raise DownloadError(_offline_message(name, url, str(exc.reason), cache)) from exc
+            raise DownloadError(_offline_message(what, url, str(exc.reason), cache, instead=instead,
+                                                place_as=place_as)) from exc
         except (http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError) as exc:
             raise DownloadError(f"{url}: download interrupted ({type(exc).__name__}: {exc}); nothing "
                                 "was cached; try again") from exc
         _check_hash(sha256, expected_prefix, url)
-        if keep_pth:
-            os.replace(tmp, placed)
-            return convert_checkpoint(placed, dst, name)
-        return convert_checkpoint(tmp, dst, name)
+        yield tmp
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def backbone_weights(name: str, *, cache_dir: Optional[PathLike] = None, progress: bool = True,
+                     force: bool = False, url: Optional[str] = None) -> Path:
+    """The ImageNet ResNetV1c weights variant `name`'s recipe starts from (mmcv's `open-mmlab://resnet50_v1c`
+    or `resnet101_v1c`), fetched once into the cache under their original name and sha256-checked.
+
+    A file of that name already in the cache (placed by hand when offline) is checked and used.
+    The `.pth` is kept as is: `train.engine.load_backbone_weights` reads it with `weights_only=True`.
+    `url` fetches the same file from elsewhere (a mirror); it is checked against the published name.
+
+    Example:
+        >>> backbone_weights("isanet_r50-d8_512x1024_40k_cityscapes").name
+        'resnet50_v1c-2cccc1ad.pth'
+    """
+    published = get_config(name).pretrained_url
+    url = url or published
+    file_name = _file_name(published)
+    match = _PUBLISH_HASH.search(file_name)
+    expected_prefix = match.group(1) if match else None
+    cache = get_cache_dir(cache_dir)
+    dst = cache / file_name
+    if dst.is_file() and not force:
+        _check_hash(sha256_file(dst), expected_prefix, str(dst), placed=True)
+        return dst
+    cache.mkdir(parents=True, exist_ok=True)
+    with _fetch(url, cache, expected_prefix, f"{name}'s ImageNet backbone", progress,
+                instead=f"--backbone-weights /path/to/{file_name}", place_as=file_name) as tmp:
+        os.replace(tmp, dst)
+    return dst
 
 
 def resolve_weights(name: str, weights: Union[None, str, PathLike], *,
@@ -238,6 +279,9 @@ def _download_main(args: argparse.Namespace) -> int:
             path = download(name, cache_dir=args.cache_dir, progress=not args.no_progress,
                             url=args.url, force=args.force, keep_pth=args.keep_pth)
             print(path)
+            if args.backbone:
+                print(backbone_weights(name, cache_dir=args.cache_dir, progress=not args.no_progress,
+                                       force=args.force))
     except KeyError as exc:
         print(f"isa download: error: {exc.args[0]}", file=sys.stderr)
         return 2
@@ -266,6 +310,8 @@ def add_download_parser(subparsers: "argparse._SubParsersAction") -> argparse.Ar
     parser.add_argument("--url", default=None, help="download from this URL instead (one variant)")
     parser.add_argument("--force", action="store_true", help="download again even if cached")
     parser.add_argument("--keep-pth", action="store_true", help="keep the original .pth in the cache")
+    parser.add_argument("--backbone", action="store_true",
+                        help="also fetch the ImageNet ResNetV1c weights the variant's training recipe starts from")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_download_main)
     return parser

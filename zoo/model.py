@@ -7,7 +7,7 @@ BatchNorm2d here; training converts it with `nn.SyncBatchNorm.convert_sync_batch
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn

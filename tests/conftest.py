@@ -1,0 +1,36 @@
+"""Shared fixtures of the test suite."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Dict
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# what a parent pytest may carry that would change a child training process
+_CHILD_UNSET = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ISA_TRAIN_KILL_AT")
+
+
+@pytest.fixture
+def free_disk(tmp_path):
+    """Delete tmp_path right after the test: an R-50 training checkpoint is ~300 MB."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture
+def child_env() -> Callable[..., Dict[str, str]]:
+    """Environment for a child `python -m train` / torchrun: one thread, the repo importable, no
+    inherited distributed or kill-switch variables; keyword arguments are added."""
+
+    def make(**extra: str) -> Dict[str, str]:
+        env = dict(os.environ, OMP_NUM_THREADS="1",
+                   PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        for key in _CHILD_UNSET:
+            env.pop(key, None)
+        env.update(extra)
+        return env
+
+    return make

@@ -315,6 +315,11 @@ BWD_SWEEP["contiguous"] += [
          DELTA_DV=128, num_warps=8, num_stages=2),
     dict(kind="flash", SPLIT_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DQ_WARPS=4,
          DELTA_DV=128, num_warps=8, num_stages=2),
+    # dQ through TMA boxes (kernels._bwd_dq_tma_kernel; DQ_BLOCK_M/N in whole rows of 32 tokens here)
+    dict(kind="flash", SPLIT_DQ=True, TMA=True, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=32, DQ_BLOCK_N=64,
+         DELTA_DV=128, num_warps=8, num_stages=2),
+    dict(kind="flash", SPLIT_DQ=True, TMA=True, BLOCK_M=64, BLOCK_N=16, DQ_BLOCK_M=32, DQ_BLOCK_N=64,
+         DQ_WARPS=8, DELTA_DV=128, num_warps=4, num_stages=2),
 ]
 BWD_SWEEP["gather"] += [
     dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DELTA_DV=32, num_warps=8, num_stages=1),
@@ -350,13 +355,15 @@ def run_sweep(dtype: torch.dtype = torch.bfloat16, case: str = "cityscapes_whole
     Long range: the forward at batch `n`; the channels_last backward at each of `bwd_batches` (the
     four-kernel, FUSED_DQ and SPLIT_DQ backwards side by side), the NCHW backward at `n`. Short range
     (channels_last): the forward at each of `bwd_batches`. Ends with one summary line per (layout,
-    batch): the best of each backward.
+    batch): the best of each backward. Every config's output (or dq, dk, dv) is checked against fp64
+    eager maths like the op's (row "ok"); the summary counts only those that pass.
     """
-    from . import kernels
+    from . import checks, kernels
 
     h, w = CASES[case]
     scale = cqk ** -0.5
     rows = []
+    refs = {}
     plan = [("channels_last", "long", [("fwd", n, cfg) for cfg in FWD_SWEEP["contiguous"]]
              + [("bwd", b, cfg) for b in bwd_batches for cfg in BWD_SWEEP["contiguous"]]),
             ("nchw", "long", [("fwd", n, cfg) for cfg in FWD_SWEEP["gather"]]
@@ -370,14 +377,17 @@ def run_sweep(dtype: torch.dtype = torch.bfloat16, case: str = "cityscapes_whole
                 break
             if batch not in inputs:
                 inputs.clear()
+                refs.clear()
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 q, k, v = make_inputs(batch, cqk, cv, h, w, dtype, layout, device)
                 out, lse = kernels._forward_impl(q, k, v, long_range, 8, 8, scale)
                 inputs[batch] = (q, k, v, out, lse, torch.randn_like(out))
+                # every config is checked against fp64 as the op's own (2 x eager's error + atol)
+                refs[batch] = checks.reference_fp64(q, k, v, pattern, BLOCK, scale, inputs[batch][-1])
             q, k, v, out, lse, do = inputs[batch]
             cfg = sweep_config(cfg, cqk, cv)
-            variant = bwd_variant(cfg) if which == "bwd" else ""
+            variant = bwd_variant(cfg) if which == "bwd" else cfg["kind"]
             row = dict(layout=layout, pattern=pattern, which=which, case=case, batch=batch, variant=variant,
                        config=dict(cfg))
             try:
@@ -385,21 +395,28 @@ def run_sweep(dtype: torch.dtype = torch.bfloat16, case: str = "cityscapes_whole
                     call = lambda: kernels._forward_impl(q, k, v, long_range, 8, 8, scale, cfg)  # noqa: E731
                 else:
                     call = lambda: kernels._backward_impl(do, q, k, v, out, lse, True, 8, 8, scale, cfg)  # noqa
-                call()
+                got = call()
+                got = [got[0], None, None, None] if which == "fwd" else [None, *got]
+                errs = checks.compare(got, *refs[batch], checks.ATOL[dtype])
+                row["ok"] = all(e["ok"] for e in errs.values())
+                row["max_err"] = {name: e["err"] for name, e in errs.items()}
                 row["ms"] = time_ms(call, warmup=warmup, rep=rep)
             except Exception as exc:
                 row["error"] = _short(exc)
             rows.append(row)
-            shown = {k_: v_ for k_, v_ in cfg.items() if k_ not in ("kind", "FUSED_DQ", "SPLIT_DQ")}
+            hidden = ("kind", "FUSED_DQ", "SPLIT_DQ") + (() if cfg["kind"] == "tile" else ("BLOCK_DK",))
+            shown = {k_: v_ for k_, v_ in cfg.items() if k_ not in hidden}
+            status = "" if "error" in row else ("  PASS" if row["ok"] else f"  FAIL (vs fp64: {row['max_err']})")
             log(f"sweep {pattern:<6}{layout:<14}{which:<4} N={batch:<2} {variant:<6}"
-                f"{row.get('ms', float('nan')):9.3f} ms  {shown}" + (f"  [{row['error']}]" if "error" in row else ""))
+                f"{row.get('ms', float('nan')):9.3f} ms  {shown}{status}"
+                + (f"  [{row['error']}]" if "error" in row else ""))
         inputs.clear()
     for layout in ("channels_last", "nchw"):
         for b in sorted({r["batch"] for r in rows if r["layout"] == layout and r["which"] == "bwd"}):
             best = {}
             for var in BWD_VARIANTS:
                 ms = [r["ms"] for r in rows if r["layout"] == layout and r["which"] == "bwd" and r["batch"] == b
-                      and r["variant"] == var and "ms" in r]
+                      and r["variant"] == var and r.get("ok")]
                 best[var] = min(ms) if ms else float("nan")
             log(f"sweep summary: long bwd {case} {layout} N={b}: best "
                 + ", ".join(f"{var} {best[var]:.3f} ms" for var in BWD_VARIANTS))

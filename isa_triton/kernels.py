@@ -42,7 +42,12 @@ Kernels (fp32 accumulation; fp32, fp16 and bf16 inputs):
   M = 32 rows, which Triton lowers to mma.sync rather than Hopper's wgmma (PTX, sm_90a).
   ``long_backward("split")`` (``SPLIT_DQ``) runs the same dK/dV pass without dQ, then
   ``_bwd_dq_kernel`` with whole dO rows (DV_ONE): no atomics and no workspace, S and dP computed
-  twice instead of four and two times; not yet timed on a GPU.
+  twice instead of four and two times; with ``TMA=True`` (channels_last 16-bit maps) the dQ pass
+  is ``_bwd_dq_tma_kernel`` instead, transposed (keys x queries) so that its loop-invariant Q
+  and dO tiles stay in shared memory as wgmma B operands. Neither is timed on a GPU yet: the
+  sweep times them beside the default. (A TMA dK/dV pass was tried and dropped: Triton keeps
+  the reshaped 3-D boxes it multiplies as A operands in registers, which spilled at every tile
+  size that gives wgmma.)
 
 Launch configurations are fixed per (kernel, dtype, group length, channel counts, layout) by
 `fwd_config`/`bwd_config` (no autotuning; `isa bench kernels --sweep` times alternatives on a GPU);
@@ -63,15 +68,21 @@ What was tested, where:
   reference in fp32 and fp16, error <= 2 x eager's error in the same dtype + atol (1e-6 / 1e-4):
   both patterns; 8x8, 4x8, 2x4, 1x2, 2x2, 1x1 and 16x16 blocks; group lengths 6 to 256 (tile and
   flash paths, partial tiles); Cqk != Cv; several Cqk/Cv chunks and a Cv split over programs;
-  the FUSED_DQ backward (its variants; L = 150-512; through the op and explicit configs);
+  the FUSED_DQ and SPLIT_DQ backwards (their variants; L = 150-512; through the op and explicit
+  configs); the short forward's Cv split over programs (DV_SPLIT);
   NCHW, channels_last, channel-sliced, transposed and column-strided inputs; batch 1-3; only the
   fp32 LSE (N*H*W floats) saved for backward; torch.compile(fullgraph=True, backend="aot_eager")
   of forward+backward; torch.library.opcheck (tests/test_kernels.py, about 35 s).
+- CPU, interpreter: the TMA forward and the TMA dQ pass (kind "tma", SPLIT_DQ + TMA) on
+  channels_last fp16 maps with gw = 10 and 13 (zero-filled partial rows), partial row blocks, a
+  Cv split and Cv = 264 (two boxes), against fp64 like the rest; their fallback to the pointer
+  kernels for other layouts.
 - CPU: every fp16/bf16 launch configuration the op picks at the ISA shapes (Cqk 256 / Cv 512; and,
-  marked slow, 64/64 and 16/24), NCHW and channels_last, batch 1 and 8, and the FUSED_DQ backward's
-  configs (the op's and every sweep entry), compiled for sm_90a with
-  Triton 3.8 and its ptxas: shared memory <= 227 KB and no register spills
-  (tests/test_kernel_compile.py, about 75 s from an empty Triton cache).
+  marked slow, 64/64 and 16/24), NCHW and channels_last, batch 1 and 8, and the one-pass backwards'
+  configs, compiled for sm_90a with Triton 3.8 and its ptxas: shared memory <= 227 KB and no
+  register spills (tests/test_kernel_compile.py, about 75 s from an empty Triton cache); every
+  `isa bench kernels --sweep` entry likewise (marked slow). The PTX shows which dot products
+  become wgmma (M >= 64 per tile) and that the TMA kernels issue cp.async.bulk.tensor copies.
 - GPU: NVIDIA H100 80GB HBM3 (torch 2.11, Triton 3.6), 2026-11-26, two runs: scripts/gpu_kernels.py
   -- bf16/fp16/fp32 forward, dq, dk, dv within 2x eager's error at 128x256, 104x104, 64x128 and
   64x88, both patterns and layouts, both long-range backwards (27 cases, all pass); only the LSE
@@ -300,6 +311,14 @@ def _fwd_flash_kernel(
 
 
 @triton.jit
+def _tma_box(X, n, lh, lw, s_n, s_h, s_w, gh, gw, C, BH: tl.constexpr, BW: tl.constexpr, ROWS: tl.constexpr,
+             GWB: tl.constexpr, BOX_C: tl.constexpr):
+    """Descriptor of group (n, lh, lw) of a channels_last map: box [ROWS, GWB, BOX_C] of [gh, gw, C]."""
+    return tl.make_tensor_descriptor(X + n * s_n + lh * s_h + lw * s_w, shape=[gh, gw, C],
+                                     strides=[BH * s_h, BW * s_w, 1], block_shape=[ROWS, GWB, BOX_C])
+
+
+@triton.jit
 def _fwd_tma_kernel(
     Q, K, V, O, LSE,
     sq_n, sq_h, sq_w, sk_n, sk_h, sk_w, sv_n, sv_h, sv_w, so_n, so_h, so_w,
@@ -326,14 +345,10 @@ def _fwd_tma_kernel(
     grp = bg % G
     lh = grp // BW
     lw = grp % BW
-    q_desc = tl.make_tensor_descriptor(Q + n * sq_n + lh * sq_h + lw * sq_w, shape=[gh, gw, CQK],
-                                       strides=[BH * sq_h, BW * sq_w, 1], block_shape=[ROWS_M, GWB, BLOCK_DK])
-    k_desc = tl.make_tensor_descriptor(K + n * sk_n + lh * sk_h + lw * sk_w, shape=[gh, gw, CQK],
-                                       strides=[BH * sk_h, BW * sk_w, 1], block_shape=[ROWS_N, GWB, BLOCK_DK])
-    v_desc = tl.make_tensor_descriptor(V + n * sv_n + lh * sv_h + lw * sv_w, shape=[gh, gw, CV],
-                                       strides=[BH * sv_h, BW * sv_w, 1], block_shape=[ROWS_N, GWB, BLOCK_DV])
-    o_desc = tl.make_tensor_descriptor(O + n * so_n + lh * so_h + lw * so_w, shape=[gh, gw, CV],
-                                       strides=[BH * so_h, BW * so_w, 1], block_shape=[ROWS_M, GWB, BLOCK_DV])
+    q_desc = _tma_box(Q, n, lh, lw, sq_n, sq_h, sq_w, gh, gw, CQK, BH, BW, ROWS_M, GWB, BLOCK_DK)
+    k_desc = _tma_box(K, n, lh, lw, sk_n, sk_h, sk_w, gh, gw, CQK, BH, BW, ROWS_N, GWB, BLOCK_DK)
+    v_desc = _tma_box(V, n, lh, lw, sv_n, sv_h, sv_w, gh, gw, CV, BH, BW, ROWS_N, GWB, BLOCK_DV)
+    o_desc = _tma_box(O, n, lh, lw, so_n, so_h, so_w, gh, gw, CV, BH, BW, ROWS_M, GWB, BLOCK_DV)
     row0 = m_blk * ROWS_M
     q = tl.reshape(q_desc.load([row0, 0, 0]), [BLOCK_M, BLOCK_DK])
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -359,6 +374,60 @@ def _fwd_tma_kernel(
     row = row0 + offs_m // GWB
     col = offs_m % GWB
     tl.store(LSE + bg * gh * gw + row * gw + col, m_i + tl.log2(l_i), mask=(row < gh) & (col < gw) & (dv_blk == 0))
+
+
+@triton.jit
+def _bwd_dq_tma_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA,
+    sq_n, sq_h, sq_w, sk_n, sk_h, sk_w, sv_n, sv_h, sv_w, sdo_n, sdo_h, sdo_w, sdq_n, sdq_h, sdq_w,
+    G, gh, gw, CQK, CV, qk_scale, scale,
+    BH: tl.constexpr, BW: tl.constexpr, ROWS_M: tl.constexpr, ROWS_N: tl.constexpr, GWB: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BOX_DV: tl.constexpr, TWO_DV: tl.constexpr,
+):
+    """SPLIT_DQ's dQ pass through TMA boxes: ROWS_M rows of queries per program, whole dO rows.
+
+    Transposed (keys x queries) so that the loop-invariant Q and dO tiles are wgmma B operands,
+    which stay in shared memory, and dQ^T (Cqk x queries) has M = Cqk.
+    """
+    BLOCK_M: tl.constexpr = ROWS_M * GWB
+    BLOCK_N: tl.constexpr = ROWS_N * GWB
+    per_group = (gh + ROWS_M - 1) // ROWS_M
+    pid = tl.program_id(0)
+    bg = pid // per_group
+    r_m = (pid % per_group) * ROWS_M
+    n = (bg // G).to(tl.int64)
+    grp = bg % G
+    lh = grp // BW
+    lw = grp % BW
+    q_desc = _tma_box(Q, n, lh, lw, sq_n, sq_h, sq_w, gh, gw, CQK, BH, BW, ROWS_M, GWB, BLOCK_DK)
+    do_desc = _tma_box(DO, n, lh, lw, sdo_n, sdo_h, sdo_w, gh, gw, CV, BH, BW, ROWS_M, GWB, BOX_DV)
+    k_desc = _tma_box(K, n, lh, lw, sk_n, sk_h, sk_w, gh, gw, CQK, BH, BW, ROWS_N, GWB, BLOCK_DK)
+    v_desc = _tma_box(V, n, lh, lw, sv_n, sv_h, sv_w, gh, gw, CV, BH, BW, ROWS_N, GWB, BOX_DV)
+    offs_m = tl.arange(0, BLOCK_M)
+    row = r_m + offs_m // GWB
+    col = offs_m % GWB
+    m_ok = (row < gh) & (col < gw)
+    tok = bg * gh * gw + row * gw + col
+    lse = tl.load(LSE + tok, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + tok, mask=m_ok, other=0.0)
+    qt = tl.trans(tl.reshape(q_desc.load([r_m, 0, 0]), [BLOCK_M, BLOCK_DK]))
+    dot0 = tl.trans(tl.reshape(do_desc.load([r_m, 0, 0]), [BLOCK_M, BOX_DV]))
+    if TWO_DV:
+        dot1 = tl.trans(tl.reshape(do_desc.load([r_m, 0, BOX_DV]), [BLOCK_M, BOX_DV]))
+    offs_n0 = tl.arange(0, BLOCK_N)
+    dqt = tl.full([BLOCK_DK, BLOCK_M], 0.0, dtype=tl.float32)
+    for r_n in range(0, gh, ROWS_N):
+        n_ok = ((offs_n0 % GWB) < gw) & (r_n + offs_n0 // GWB < gh)
+        k = tl.reshape(k_desc.load([r_n, 0, 0]), [BLOCK_N, BLOCK_DK])
+        pt = tl.exp2(tl.dot(k, qt) * qk_scale - lse[None, :])
+        pt = tl.where(n_ok[:, None], pt, 0.0)
+        dpt = tl.dot(tl.reshape(v_desc.load([r_n, 0, 0]), [BLOCK_N, BOX_DV]), dot0)
+        if TWO_DV:
+            dpt = tl.dot(tl.reshape(v_desc.load([r_n, 0, BOX_DV]), [BLOCK_N, BOX_DV]), dot1, dpt)
+        dst = (pt * (dpt - delta[None, :])).to(K.dtype.element_ty)
+        dqt = tl.dot(tl.trans(k), dst, dqt)
+    dq_desc = _tma_box(DQ, n, lh, lw, sdq_n, sdq_h, sdq_w, gh, gw, CQK, BH, BW, ROWS_M, GWB, BLOCK_DK)
+    dq_desc.store([r_m, 0, 0], tl.reshape(tl.trans(dqt * scale).to(DQ.dtype.element_ty), [ROWS_M, GWB, BLOCK_DK]))
 
 
 @triton.jit
@@ -804,12 +873,20 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"  # ignored for 16-bit inputs: tensor cores with fp32 accumulation
 
 
-def _strides(x: torch.Tensor, prefix: str, channels: bool = True) -> Dict[str, int]:
+def _strides(x: torch.Tensor, prefix: str) -> Dict[str, int]:
     sn, sc, sh, sw = x.stride()
-    out = {f"{prefix}_n": sn, f"{prefix}_c": sc, f"{prefix}_h": sh, f"{prefix}_w": sw}
-    if not channels:  # the TMA kernel's channel stride is 1 by construction
-        del out[f"{prefix}_c"]
-    return out
+    return {f"{prefix}_n": sn, f"{prefix}_c": sc, f"{prefix}_h": sh, f"{prefix}_w": sw}
+
+
+def _tma_strides(**tensors: torch.Tensor) -> Dict[str, int]:
+    """(n, h, w) strides of the TMA kernels' maps, named s{name}_n/h/w (the channel stride is 1)."""
+    return {f"s{name}_{dim}": x.stride(i) for name, x in tensors.items() for dim, i in (("n", 0), ("h", 2), ("w", 3))}
+
+
+def _tma_rows(geo: "Geometry", block_m: int, block_n: int) -> Tuple[int, int, int]:
+    """TMA tiles are whole rows of a group's token grid: (rows per query tile, per key tile, padded row)."""
+    gwb = _np2(geo.gw)
+    return max(1, block_m // gwb), max(1, block_n // gwb), gwb
 
 
 TMA_MAX_BOX = 256  # elements per dimension of one bulk-tensor copy
@@ -989,19 +1066,13 @@ def _fwd_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         args = dict(common, L=L, G=G, NG=ng, gw=geo.gw, CQK=cqk, CV=cv, CV_PER=cv_per, qk_scale=scale * _LOG2E)
         return [Launch(_fwd_tile_kernel, (triton.cdiv(ng, gpp) * split,), args, cx, warps, stages, "fwd_tile")]
     num_dv = triton.cdiv(cv, cx["BLOCK_DV"])
-    if kind == "tma":
-        if not tma_eligible(geo, cx["BLOCK_DK"], cx["BLOCK_DV"], q, k, v, out):
-            raise ValueError("a 'tma' forward config needs channels_last 16-bit long-range maps with channel counts "
-                             "that are multiples of 8, BLOCK_DK >= Cqk and BLOCK_DK, BLOCK_DV <= 256")
-        gwb = _np2(geo.gw)
-        rows_m, rows_n = max(1, cx.pop("BLOCK_M") // gwb), max(1, cx.pop("BLOCK_N") // gwb)
-        cx.pop("PREC")
-        cx.pop("LONG")
-        args = dict(Q=q, K=k, V=v, O=out, LSE=lse, **_strides(q, "sq", channels=False),
-                    **_strides(k, "sk", channels=False), **_strides(v, "sv", channels=False),
-                    **_strides(out, "so", channels=False), G=G, gh=geo.h // geo.bh, gw=geo.gw, CQK=cqk, CV=cv,
-                    NUM_DV=num_dv, qk_scale=scale * _LOG2E)
-        cx.update(ROWS_M=rows_m, ROWS_N=rows_n, GWB=gwb)
+    # "tma" falls back to the pointer kernel (same blocks) for maps a tensor descriptor cannot describe
+    if kind == "tma" and tma_eligible(geo, cx["BLOCK_DK"], cx["BLOCK_DV"], q, k, v, out):
+        rows_m, rows_n, gwb = _tma_rows(geo, cx.pop("BLOCK_M"), cx.pop("BLOCK_N"))
+        cx = dict(BH=geo.bh, BW=geo.bw, ROWS_M=rows_m, ROWS_N=rows_n, GWB=gwb, BLOCK_DK=cx["BLOCK_DK"],
+                  BLOCK_DV=cx["BLOCK_DV"])
+        args = dict(Q=q, K=k, V=v, O=out, LSE=lse, **_tma_strides(q=q, k=k, v=v, o=out), G=G, gh=geo.h // geo.bh,
+                    gw=geo.gw, CQK=cqk, CV=cv, NUM_DV=num_dv, qk_scale=scale * _LOG2E)
         grid = (triton.cdiv(geo.h // geo.bh, rows_m) * num_dv * ng,)
         return [Launch(_fwd_tma_kernel, grid, args, cx, warps, stages, "fwd_tma")]
     args = dict(common, L=L, G=G, gw=geo.gw, CQK=cqk, CV=cv, NUM_DV=num_dv, qk_scale=scale * _LOG2E)
@@ -1054,6 +1125,18 @@ def _bwd_plan(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             dict(geo_cx, RELOAD_KV=cfg.pop("RELOAD_KV", False), DQ_CHUNK=cfg.pop("DQ_CHUNK", bdk),
                  WITH_DQ=not split_dq, **blocks),
             warps, stages, "bwd_fused" if fused else "bwd_kv"))
+    box_dv = min(TMA_MAX_BOX, max(16, _np2(cv)))
+    if (split_dq and cfg.pop("TMA", False) and cv <= 2 * TMA_MAX_BOX
+            and tma_eligible(geo, bdk, box_dv, q, k, v, do, dq)):  # dQ through TMA boxes (Cv: 1 or 2 boxes)
+        rows_m, rows_n, gwb = _tma_rows(geo, cfg.pop("DQ_BLOCK_M", bm), cfg.pop("DQ_BLOCK_N", bn))
+        plans.append(Launch(
+            _bwd_dq_tma_kernel, (triton.cdiv(geo.h // geo.bh, rows_m) * ng,),
+            dict(Q=q, K=k, V=v, DO=do, DQ=dq, LSE=lse, DELTA=delta, **_tma_strides(q=q, k=k, v=v, do=do, dq=dq),
+                 G=G, gh=geo.h // geo.bh, gw=geo.gw, CQK=cqk, CV=cv, qk_scale=scale * _LOG2E, scale=scale),
+            dict(BH=geo.bh, BW=geo.bw, GWB=gwb, BLOCK_DK=bdk, BOX_DV=box_dv, TWO_DV=cv > box_dv,
+                 ROWS_M=rows_m, ROWS_N=rows_n),
+            cfg.pop("DQ_WARPS", warps), cfg.pop("DQ_STAGES", stages), "bwd_dq_tma"))
+        return plans
     if split_dq:  # dQ of DQ_BLOCK_M queries (whole dO rows unless DQ_BLOCK_DV < Cv): S and dP once more
         dq_bm, dq_bn, dq_bdv = cfg.pop("DQ_BLOCK_M", bm), cfg.pop("DQ_BLOCK_N", bn), cfg.pop("DQ_BLOCK_DV", bdv)
         plans.append(Launch(
@@ -1179,14 +1262,18 @@ def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
 
 def _ensure_allocator() -> None:
     """Give Triton a scratch allocator for device-side tensor descriptors, unless the user set one."""
-    from triton.runtime import _allocation
+    try:  # Triton's private registry; when its layout changes, set ours (as Triton's own tutorials do)
+        from triton.runtime import _allocation
 
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):
+        unset = True
+    if unset:
         triton.set_allocator(_scratch)
 
 
 def _launch(plans: Sequence[Launch], device: torch.device) -> None:
-    if any(p.kernel is _fwd_tma_kernel for p in plans):
+    if any(p.name.endswith("tma") for p in plans):
         _ensure_allocator()
     if interpreter_enabled():
         with _interpreter_session():

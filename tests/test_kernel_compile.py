@@ -80,7 +80,8 @@ def compile_sm90(launch: kernels.Launch) -> dict:
     spill_ld = sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", report))
     stack = sum(int(x) for x in re.findall(r"(\d+) bytes stack frame", report))
     return dict(shared=compiled.metadata.shared, regs=regs, spill_stores=spill_st, spill_loads=spill_ld,
-                stack=stack, num_warps=launch.num_warps)
+                stack=stack, num_warps=launch.num_warps, wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
+                mma_sync=len(re.findall(r"\bmma\.sync", ptx)), tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)))
 
 
 def _meta(n, c, h, w, dtype, channels_last=False):
@@ -180,12 +181,32 @@ def test_one_pass_backward_configs_fit_an_h100(dtype):
     _check(launches)
 
 
+def test_tma_kernels_use_bulk_tensor_copies_and_wgmma():
+    """The TMA sweep candidates compile to Hopper's bulk-tensor copies and wgmma, within the limits."""
+    from isa_triton import bench
+
+    q = _meta(1, 256, 128, 256, torch.bfloat16, True)
+    v = _meta(1, 512, 128, 256, torch.bfloat16, True)
+    fwd = next(c for c in bench.FWD_SWEEP["contiguous"] if c["kind"] == "tma")
+    bwd = next(c for c in bench.BWD_SWEEP["contiguous"] if c.get("TMA"))
+    geo = kernels.Geometry(1, 128, 256, 8, 8, True)
+    lse = torch.empty(64, 512, device="meta")
+    launches = kernels._fwd_plan(q, q, v, torch.empty_like(v), lse, geo, 0.0625, bench.sweep_config(fwd, 256, 512))
+    launches += [p for p in kernels.launch_plans(q, q, v, "long", (8, 8), bwd_cfg=bench.sweep_config(bwd, 256, 512))
+                 if p.name == "bwd_dq_tma"]
+    assert [p.name for p in launches] == ["fwd_tma", "bwd_dq_tma"]
+    for launch in launches:
+        stats = compile_sm90(launch)
+        assert stats["tma"] > 0 and stats["wgmma"] > 0 and stats["mma_sync"] == 0, (launch.name, stats)
+        assert stats["shared"] <= H100_SMEM and not stats["spill_stores"], (launch.name, stats)
+
+
 @pytest.mark.slow
 def test_sweep_configs_fit_an_h100():
     """Every alternative `isa bench kernels --sweep` times (bf16, as it runs them) fits sm_90 too."""
     launches = sweep_launches(torch.bfloat16)
     names = {v.name for v in launches.values()}
-    assert {"fwd_flash", "fwd_tma", "fwd_tile", "bwd_dkdv", "bwd_fused", "bwd_kv", "bwd_dq"} <= names
+    assert {"fwd_flash", "fwd_tma", "fwd_tile", "bwd_dkdv", "bwd_fused", "bwd_kv", "bwd_dq", "bwd_dq_tma"} <= names
     _check(launches)
 
 

@@ -158,10 +158,32 @@ def test_tma_forward_matches_fp64(interpret, shape, block):
     _check_against_fp64(_with_configs(TMA_CFG, None, "long", block, scale), q, k, v, grad, "long", block, scale)
 
 
-def test_tma_forward_refuses_maps_it_cannot_describe(interpret):
-    q, k, v, _ = _inputs(1, 16, 24, 8, 8, torch.float16, "nchw")
-    with pytest.raises(ValueError, match="channels_last 16-bit"):
-        kernels._forward_impl(q, k, v, True, 2, 2, 0.25, TMA_CFG)
+@pytest.mark.parametrize("shape,block", [((2, 24, 40, 10, 26), (2, 2)), ((1, 16, 264, 12, 20), (2, 2))],
+                         ids=["gw13_batch2", "gw10_two_cv_boxes"])
+def test_tma_split_backward_matches_fp64(interpret, shape, block):
+    """SPLIT_DQ with its dQ pass through TMA boxes; Cv 264 = a full and a partial box."""
+    n, cqk, cv, h, w = shape
+    q, k, v, grad = _inputs(n, cqk, cv, h, w, torch.float16, "channels_last", seed=6)
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    scale = cqk ** -0.5
+    cfg = dict(kind="flash", SPLIT_DQ=True, TMA=True, BLOCK_M=32, BLOCK_N=16, BLOCK_DK=max(16, kernels._np2(cqk)),
+               BLOCK_DV=kernels._np2(cv), DQ_BLOCK_M=16, DQ_BLOCK_N=32, DELTA_DV=16, num_warps=4, num_stages=2)
+    # DQ_BLOCK_M 16 < one row of 16 or 32 tokens: the dQ tile is a whole row; DQ_BLOCK_N 32: two rows
+    names = [p.name for p in kernels.launch_plans(q, k, v, "long", block, scale, bwd_cfg=cfg)][1:]
+    assert names == ["bwd_delta", "bwd_kv", "bwd_dq_tma"], names
+    _check_against_fp64(_with_configs(TMA_CFG, cfg, "long", block, scale), q, k, v, grad, "long", block, scale)
+
+
+def test_tma_configs_fall_back_to_the_pointer_kernels_for_other_layouts(interpret):
+    q, k, v, grad = _inputs(1, 16, 24, 8, 8, torch.float16, "nchw")
+    cfg = dict(kind="flash", SPLIT_DQ=True, TMA=True, BLOCK_M=16, BLOCK_N=16, BLOCK_DK=16, BLOCK_DV=32,
+               num_warps=4, num_stages=1)
+    plans = kernels.launch_plans(q, k, v, "long", (2, 2), 0.25, bwd_cfg=cfg)
+    assert [p.name for p in plans][1:] == ["bwd_delta", "bwd_kv", "bwd_dq"]
+    geo = kernels.Geometry(1, 8, 8, 2, 2, True)
+    lse = torch.empty(4, 16)
+    assert kernels._fwd_plan(q, k, v, torch.empty_like(v), lse, geo, 0.25, TMA_CFG)[0].name == "fwd_flash"
+    _check_against_fp64(_with_configs(TMA_CFG, cfg, "long", (2, 2), 0.25), q, k, v, grad, "long", (2, 2), 0.25)
 
 
 def test_torch_compile_fullgraph_runs_the_custom_op(interpret):

@@ -193,6 +193,15 @@ def _pixel_offset(tok, grp, gw, s_h, s_w, BH: tl.constexpr, BW: tl.constexpr, LO
 
 
 @triton.jit
+def _group_block(L, G, BLOCK: tl.constexpr):
+    """This program's (flat group, block of BLOCK tokens in it, image as int64, group in the image)."""
+    per_group = (L + BLOCK - 1) // BLOCK
+    pid = tl.program_id(0)
+    bg = pid // per_group
+    return bg, pid % per_group, (bg // G).to(tl.int64), bg % G
+
+
+@triton.jit
 def _tile_scores(Qn, Kn, pq, pk, t_ok, sq_c, sk_c, CQK, BLOCK_L: tl.constexpr, BLOCK_DK: tl.constexpr,
                  PREC: tl.constexpr):
     """Unscaled scores Q K^T (BLOCK_L x BLOCK_L, fp32) of one whole group, summed over Cqk chunks."""
@@ -505,12 +514,7 @@ def _bwd_delta_kernel(
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """delta[token] = sum_c dO * O (fp32), the softmax-backward row term."""
-    per_group = (L + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    bg = pid // per_group
-    m_blk = pid % per_group
-    n = (bg // G).to(tl.int64)
-    grp = bg % G
+    bg, m_blk, n, grp = _group_block(L, G, BLOCK_M)
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < L
     offs_dv0 = tl.arange(0, BLOCK_DV)
@@ -537,12 +541,7 @@ def _bwd_dkdv_kernel(
     WITH_DV: tl.constexpr, PREC: tl.constexpr,
 ):
     """Long groups: dK (and dV when Cv <= BLOCK_DV) of BLOCK_N keys, looping over all queries."""
-    per_group = (L + BLOCK_N - 1) // BLOCK_N
-    pid = tl.program_id(0)
-    bg = pid // per_group
-    n_blk = pid % per_group
-    n = (bg // G).to(tl.int64)
-    grp = bg % G
+    bg, n_blk, n, grp = _group_block(L, G, BLOCK_N)
     offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < L
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -652,12 +651,7 @@ def _bwd_dq_kernel(
     DV_ONE: tl.constexpr, PREC: tl.constexpr,
 ):
     """Long groups: dQ of BLOCK_M queries, looping over all keys (dP by Cv chunks unless DV_ONE)."""
-    per_group = (L + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    bg = pid // per_group
-    m_blk = pid % per_group
-    n = (bg // G).to(tl.int64)
-    grp = bg % G
+    bg, m_blk, n, grp = _group_block(L, G, BLOCK_M)
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < L
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -725,12 +719,7 @@ def _bwd_fused_kernel(
     them live; DQ_CHUNK < BLOCK_DK computes dQ by Cqk chunks. WITH_DQ=False leaves dQ to
     `_bwd_dq_kernel` (the SPLIT_DQ backward: no atomics, no workspace).
     """
-    per_group = (L + BLOCK_N - 1) // BLOCK_N
-    pid = tl.program_id(0)
-    bg = pid // per_group
-    n_blk = pid % per_group
-    n = (bg // G).to(tl.int64)
-    grp = bg % G
+    bg, n_blk, n, grp = _group_block(L, G, BLOCK_N)
     offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < L
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -799,12 +788,7 @@ def _bwd_dq_cast_kernel(
     BH: tl.constexpr, BW: tl.constexpr, LONG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr,
 ):
     """dQ = scale * the fp32 workspace (group, token, Cqk), written through dQ's strides."""
-    per_group = (L + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    bg = pid // per_group
-    m_blk = pid % per_group
-    n = (bg // G).to(tl.int64)
-    grp = bg % G
+    bg, m_blk, n, grp = _group_block(L, G, BLOCK_M)
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < L
     offs_dk0 = tl.arange(0, BLOCK_DK)

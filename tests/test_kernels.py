@@ -201,6 +201,22 @@ def test_torch_compile_fullgraph_runs_the_custom_op(interpret):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
+def test_eager_calls_skip_the_custom_op_dispatcher_and_compiled_ones_use_it(interpret):
+    q, k, v, _ = _inputs(1, 16, 16, 8, 8, torch.float32, "nchw")
+    q.requires_grad_()
+    out = sparse_attention(q, k, v, "short", (4, 4), backend="triton")
+    assert type(out.grad_fn).__name__ == "_AttentionBackward"
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(lambda a, b, c: sparse_attention(a, b, c, "short", (4, 4), backend="triton"),
+                  backend=backend, fullgraph=True)(q, k, v)
+    assert "isa_triton.attention_fwd" in graphs[0].code
+
+
 def test_output_and_grads_keep_the_input_memory_format(interpret):
     q, k, v, grad = _inputs(1, 16, 16, 8, 8, torch.float32, "channels_last")
     out, (dq, dk, dv) = _run(lambda a, b, c: sparse_attention(a, b, c, "long", (4, 4), backend="triton"),

@@ -321,3 +321,17 @@ def test_cli_download_with_backbone(served, served_backbone, tmp_path, capsys):
                               "--no-progress"])
     assert args.func(args) == 0
     assert capsys.readouterr().out.split() == [str(cache / f"{NAME}.safetensors"), str(cache / served_backbone)]
+
+
+def test_training_build_fetches_the_backbone_once_and_resumed_runs_read_nothing(served_backbone, server, tmp_path,
+                                                                                monkeypatch):
+    from train.engine import TrainConfig, build_model
+
+    monkeypatch.setenv("ISA_HOME", str(tmp_path / "home"))
+    cfg = TrainConfig(model=NAME, data_root="unused", backbone_weights="auto", progress=False)
+    model = build_model(cfg, num_classes=19)
+    assert torch.all(model.backbone.stem[0].weight == 1) and len(server.requests) == 1
+    build_model(cfg, num_classes=19)
+    assert len(server.requests) == 1  # cached
+    resumed = build_model(cfg, num_classes=19, pretrained=False)
+    assert not torch.all(resumed.backbone.stem[0].weight == 1) and len(server.requests) == 1

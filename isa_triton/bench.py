@@ -280,17 +280,17 @@ SHORT_FWD_SWEEP = [
 ]
 BWD_SWEEP = {
     "contiguous": [
-        dict(kind="flash", BLOCK_M=64, BLOCK_N=64, BLOCK_DV=64, DV_BLOCK=256, DELTA_DV=128, num_warps=8,
+        dict(kind="flash", BLOCK_M=64, BLOCK_N=64, BLOCK_DV=64, DV_BLOCK=256, DELTA_DV=64, num_warps=8,
              num_stages=2),
-        dict(kind="flash", BLOCK_M=64, BLOCK_N=64, BLOCK_DV=64, DV_BLOCK=128, DELTA_DV=128, num_warps=8,
+        dict(kind="flash", BLOCK_M=64, BLOCK_N=64, BLOCK_DV=64, DV_BLOCK=128, DELTA_DV=64, num_warps=8,
              num_stages=2),
-        dict(kind="flash", BLOCK_M=32, BLOCK_N=64, BLOCK_DV=64, DV_BLOCK=256, DELTA_DV=128, num_warps=8,
+        dict(kind="flash", BLOCK_M=32, BLOCK_N=64, BLOCK_DV=64, DV_BLOCK=256, DELTA_DV=64, num_warps=8,
              num_stages=2),
     ],
     "gather": [
-        dict(kind="flash", BLOCK_M=32, BLOCK_N=32, BLOCK_DV=32, DV_BLOCK=128, DELTA_DV=32, num_warps=8,
+        dict(kind="flash", BLOCK_M=32, BLOCK_N=32, BLOCK_DV=32, DV_BLOCK=64, DELTA_DV=32, num_warps=8,
              num_stages=2),
-        dict(kind="flash", BLOCK_M=32, BLOCK_N=32, BLOCK_DV=32, DV_BLOCK=128, DELTA_DV=32, num_warps=8,
+        dict(kind="flash", BLOCK_M=32, BLOCK_N=32, BLOCK_DV=32, DV_BLOCK=64, DELTA_DV=32, num_warps=8,
              num_stages=1),
     ],
 }
@@ -300,31 +300,29 @@ BWD_SWEEP = {
 # kernels.one_pass_bwd_config's choice; all compile for sm_90a without spills (tests/test_kernel_compile.py).
 # BLOCK_M = 64 makes every dot a wgmma (BLOCK_M = 32: mma.sync), at BLOCK_N = 16 to fit.
 BWD_SWEEP["contiguous"] += [
-    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DELTA_DV=128, num_warps=8, num_stages=2),
-    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_CHUNK=64, DELTA_DV=128, num_warps=8, num_stages=2),
-    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DELTA_DV=128, num_warps=8, num_stages=3),
-    dict(kind="flash", FUSED_DQ=True, BLOCK_M=16, BLOCK_N=32, DELTA_DV=128, num_warps=8, num_stages=2),
-    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=16, DELTA_DV=128, num_warps=4, num_stages=2),
-    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DELTA_DV=128,
+    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DELTA_DV=64, num_warps=8, num_stages=2),
+    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_CHUNK=64, DELTA_DV=64, num_warps=8, num_stages=2),
+    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DELTA_DV=64, num_warps=8, num_stages=3),
+    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=16, DELTA_DV=64, num_warps=4, num_stages=2),
+    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DELTA_DV=64,
          num_warps=8, num_stages=2),
-    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=64, BLOCK_N=16, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DELTA_DV=128,
+    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=64, BLOCK_N=16, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DELTA_DV=64,
          num_warps=8, num_stages=2),
     dict(kind="flash", SPLIT_DQ=True, BLOCK_M=64, BLOCK_N=16, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DQ_WARPS=8,
-         DELTA_DV=128, num_warps=4, num_stages=2),
+         DELTA_DV=64, num_warps=4, num_stages=2),
     dict(kind="flash", SPLIT_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DQ_WARPS=16,
-         DELTA_DV=128, num_warps=8, num_stages=2),
+         DELTA_DV=64, num_warps=8, num_stages=2),
     dict(kind="flash", SPLIT_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DQ_WARPS=4,
-         DELTA_DV=128, num_warps=8, num_stages=2),
+         DELTA_DV=64, num_warps=8, num_stages=2),
     # dQ through TMA boxes (kernels._bwd_dq_tma_kernel; DQ_BLOCK_M/N in whole rows of 32 tokens here)
     dict(kind="flash", SPLIT_DQ=True, TMA=True, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=32, DQ_BLOCK_N=64,
-         DELTA_DV=128, num_warps=8, num_stages=2),
+         DELTA_DV=64, num_warps=8, num_stages=2),
     dict(kind="flash", SPLIT_DQ=True, TMA=True, BLOCK_M=64, BLOCK_N=16, DQ_BLOCK_M=32, DQ_BLOCK_N=64,
-         DQ_WARPS=8, DELTA_DV=128, num_warps=4, num_stages=2),
+         DQ_WARPS=8, DELTA_DV=64, num_warps=4, num_stages=2),
 ]
 BWD_SWEEP["gather"] += [
-    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DELTA_DV=32, num_warps=8, num_stages=1),
-    dict(kind="flash", FUSED_DQ=True, BLOCK_M=16, BLOCK_N=32, DELTA_DV=32, num_warps=8, num_stages=2),
-    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=32, DQ_BLOCK_N=32, DQ_BLOCK_DV=32,
+    dict(kind="flash", FUSED_DQ=True, BLOCK_M=16, BLOCK_N=32, DELTA_DV=32, num_warps=8, num_stages=1),
+    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=16, BLOCK_N=32, DQ_BLOCK_M=32, DQ_BLOCK_N=32, DQ_BLOCK_DV=32,
          DELTA_DV=32, num_warps=8, num_stages=1),
 ]
 BWD_VARIANTS = ("four", "fused", "split")

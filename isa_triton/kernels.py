@@ -84,6 +84,9 @@ What was tested, where:
   register spills (tests/test_kernel_compile.py, about 75 s from an empty Triton cache); every
   `isa bench kernels --sweep` entry likewise (marked slow). The PTX shows which dot products
   become wgmma (M >= 64 per tile) and that the TMA kernels issue cp.async.bulk.tensor copies.
+  The same with Triton 3.6.0, the GPU machine's (`bash scripts/compile_check.sh 3.6.0`): its
+  register allocation differs, and the delta kernel's Cv chunk (64), the NCHW dV chunk (64) and
+  the NCHW one-pass query block (16) are sized so that no configuration spills with either.
 - GPU: NVIDIA H100 80GB HBM3 (torch 2.11, Triton 3.6), 2026-11-26, two runs: scripts/gpu_kernels.py
   -- bf16/fp16/fp32 forward, dq, dk, dv within 2x eager's error at 128x256, 104x104, 64x128 and
   64x88, both patterns and layouts, both long-range backwards (27 cases, all pass); only the LSE
@@ -986,12 +989,12 @@ def one_pass_bwd_config(dtype: torch.dtype, cqk: int, cv: int, gather: bool = Fa
     fp32 atomics.
     """
     block_dk, block_dv = max(16, _np2(cqk)), max(16, _np2(cv))
-    base = dict(kind="flash", BLOCK_DK=block_dk, BLOCK_DV=block_dv, DELTA_DV=_chunk(cv, 32 if gather else 128))
+    base = dict(kind="flash", BLOCK_DK=block_dk, BLOCK_DV=block_dv, DELTA_DV=_chunk(cv, 32 if gather else 64))
     base.update(FUSED_DQ=True) if mode == "fused" else base.update(SPLIT_DQ=True)
     if dtype == torch.float32:  # FMA dot products: exact, small tiles, not tuned
         return dict(base, BLOCK_M=16, BLOCK_N=16, DQ_BLOCK_M=16, DQ_BLOCK_N=16, num_warps=4, num_stages=1)
     if gather:  # dQ as the four-kernel backward's (dP by Cv chunks): whole gathered dO rows spill
-        return dict(base, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=32, DQ_BLOCK_N=32, DQ_BLOCK_DV=_chunk(cv, 32),
+        return dict(base, BLOCK_M=16, BLOCK_N=32, DQ_BLOCK_M=32, DQ_BLOCK_N=32, DQ_BLOCK_DV=_chunk(cv, 32),
                     num_warps=8, num_stages=1)
     return dict(base, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=64, DQ_BLOCK_N=32, num_warps=8, num_stages=2)
 
@@ -1029,9 +1032,9 @@ def bwd_config(dtype: torch.dtype, L: int, cqk: int, cv: int, gather: bool = Fal
     big = block_dk > 256
     if gather or big:
         return dict(kind="flash", BLOCK_M=32, BLOCK_N=32, BLOCK_DK=block_dk, BLOCK_DV=_chunk(cv, 32),
-                    DV_BLOCK=_chunk(cv, 128), DELTA_DV=_chunk(cv, 32), num_warps=8, num_stages=2)
+                    DV_BLOCK=_chunk(cv, 64), DELTA_DV=_chunk(cv, 32), num_warps=8, num_stages=2)
     return dict(kind="flash", BLOCK_M=64, BLOCK_N=64, BLOCK_DK=block_dk, BLOCK_DV=_chunk(cv, 64),
-                DV_BLOCK=_chunk(cv, 256), DELTA_DV=_chunk(cv, 128), num_warps=8, num_stages=2)
+                DV_BLOCK=_chunk(cv, 256), DELTA_DV=_chunk(cv, 64), num_warps=8, num_stages=2)
 
 
 def _fwd_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,

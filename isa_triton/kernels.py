@@ -47,7 +47,8 @@ Kernels (fp32 accumulation; fp32, fp16 and bf16 inputs):
   and dO tiles stay in shared memory as wgmma B operands. Neither is timed on a GPU yet: the
   sweep times them beside the default. (A TMA dK/dV pass was tried and dropped: Triton keeps
   the reshaped 3-D boxes it multiplies as A operands in registers, which spilled at every tile
-  size that gives wgmma.)
+  size that gives wgmma; so did a separate TMA dK pass, by 60 B or more with Triton 3.6 and 3.8,
+  while a separate dV pass fit.)
 
 Launch configurations are fixed per (kernel, dtype, group length, channel counts, layout) by
 `fwd_config`/`bwd_config` (no autotuning; `isa bench kernels --sweep` times alternatives on a GPU);

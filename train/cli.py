@@ -91,7 +91,7 @@ def config_from_args(args: argparse.Namespace):
         avg_non_ignore=args.avg_non_ignore, dropout=args.dropout, resume=args.resume, seed=args.seed,
         device=args.device, amp=args.amp, backend=args.backend, workers=args.workers, threads=args.threads,
         log_interval=args.log_interval, progress=not args.no_progress, num_classes=args.num_classes,
-        weights=args.weights, backbone_weights=args.backbone_weights)
+        weights=args.weights, backbone_weights=None if args.backbone_weights == "none" else args.backbone_weights)
     common = {k: v for k, v in common.items() if v is not None}  # options not given keep the defaults
     if args.recipe:
         if not args.data_root:
@@ -105,15 +105,11 @@ def config_from_args(args: argparse.Namespace):
                 logging.getLogger(__name__).warning(
                     "--backbone-weights none: the backbone starts from random init, which does not reproduce the "
                     "published recipe (it starts from ImageNet resnet%s_v1c)", "101" if "r101" in args.recipe else "50")
-        if common.get("backbone_weights") == "none":
-            del common["backbone_weights"]
         return TrainConfig.from_recipe(args.recipe, args.data_root, **common)
     if not args.data:
         raise ValueError("--model needs --data DIR (DIR/images/train + DIR/masks/train)")
     if args.data_root:
         raise ValueError("--data-root is for --recipe; with --model use --data")
-    if common.get("backbone_weights") == "none":
-        del common["backbone_weights"]
     return TrainConfig.for_finetune(args.model, args.data, **common)
 
 

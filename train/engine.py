@@ -265,13 +265,12 @@ def build_model(cfg: TrainConfig, num_classes: int, pretrained: bool = True) -> 
     from zoo.hub import backbone_weights
 
     weights = None if cfg.weights in (None, "", "none") or not pretrained else cfg.weights
+    backbone = cfg.backbone_weights if pretrained else None
     model = create_model(cfg.model, weights=weights, num_classes=num_classes, backend=cfg.backend)
-    if not pretrained:
-        pass
-    elif cfg.backbone_weights == "auto":
-        load_backbone_weights(model, str(backbone_weights(cfg.model, progress=cfg.progress)))
-    elif cfg.backbone_weights:
-        load_backbone_weights(model, cfg.backbone_weights)
+    if backbone == "auto":
+        backbone = str(backbone_weights(cfg.model, progress=cfg.progress))
+    if backbone:
+        load_backbone_weights(model, backbone)
     if cfg.dropout is not None:
         for m in model.modules():
             if isinstance(m, nn.Dropout2d):

@@ -16,15 +16,12 @@ Formulas (per call; G groups of L tokens per image, N images, e = bytes per elem
 
 Example:
     isa bench kernels --dtype bfloat16 --json bench_kernels.json
-    python -m isa_triton.bench kernels --cases cityscapes_whole --batch 1
+    isa bench kernels --cases cityscapes_whole --batch 1
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -39,7 +36,6 @@ CASES: Dict[str, tuple] = {
 }
 PATTERNS = ("long", "short")
 BACKENDS = ("triton", "eager", "sdpa", "flex")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BLOCK = (8, 8)
 
 
@@ -431,68 +427,3 @@ def run_sweep(dtype: torch.dtype = torch.bfloat16, case: str = "cityscapes_whole
         log(f"sweep best: {pattern} {layout} {which} N={b}: {best['ms']:.3f} ms ({default / best['ms']:.2f}x the "
             f"default's {default:.3f} ms) {best['config']}")
     return rows
-
-
-def run(args: argparse.Namespace) -> int:
-    if not torch.cuda.is_available():
-        print("isa bench kernels needs a CUDA GPU (the Triton kernels and the timings are GPU-only)")
-        return 2
-    dtype = DTYPES[args.dtype]
-    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | dtype {args.dtype} | "
-          f"Cqk {args.cqk} Cv {args.cv} | do_bench median")
-    print(HEADER)
-    started = time.monotonic()
-    deadline = started + args.budget if args.budget else None
-    rows = run_benchmark(dtype, args.cases, args.patterns, args.batch, args.layouts, args.backends,
-                         not args.no_backward, args.cqk, args.cv, warmup=args.warmup, rep=args.rep,
-                         deadline=deadline)
-    sweep = run_sweep(dtype, cqk=args.cqk, cv=args.cv, deadline=deadline) if args.sweep else []
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, dtype=args.dtype,
-                  time=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=time.monotonic() - started, rows=rows,
-                  sweep=sweep)
-    try:
-        import triton
-
-        result["triton"] = triton.__version__
-    except ImportError:
-        pass
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-        print(f"wrote {path}")
-    return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `isa bench kernels` on the `bench` command's subparsers."""
-    p = subparsers.add_parser("kernels", help="time the attention op per backend (CUDA)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    p.add_argument("--json", help="write the rows here")
-    p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    p.add_argument("--patterns", nargs="+", choices=PATTERNS, default=list(PATTERNS))
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--layouts", nargs="+", choices=("nchw", "channels_last"), default=["nchw", "channels_last"])
-    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
-    p.add_argument("--cqk", type=int, default=256)
-    p.add_argument("--cv", type=int, default=512)
-    p.add_argument("--no-backward", action="store_true", help="time the forward only")
-    p.add_argument("--sweep", action="store_true", help="also time alternative Triton launch configs")
-    p.add_argument("--warmup", type=int, default=10, help="do_bench warm-up (ms)")
-    p.add_argument("--rep", type=int, default=40, help="do_bench repetition time (ms)")
-    p.add_argument("--budget", type=float, default=0, help="skip what is left after this many seconds (0: none)")
-    p.set_defaults(func=run)
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m isa_triton.bench")
-    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,14 +17,13 @@ API (what ``train`` and ``eval`` code against)
 With ``transforms=fn`` the dataset returns ``(*fn(image, mask), meta)``; a ``torchvision.transforms.v2``
 pipeline works as is (masks get nearest interpolation and their own fill).
 
-Attributes: ``meta`` (:class:`eval.classes.DatasetMeta`), ``classes``, ``palette``, ``num_classes``,
+Attributes: ``meta`` (:class:`zoo.classes.DatasetMeta`), ``classes``, ``palette``, ``num_classes``,
 ``ignore_index``, ``reduce_zero_label``, ``samples`` (list of :class:`Sample`, in mmseg's order: sorted
 relative names for scanned folders, file order for split files).
 
 Readers: :class:`CityscapesDataset`, :class:`ADE20KDataset`, :class:`VOCDataset`, :class:`FolderDataset`;
-:func:`build_dataset` picks one by name. The test-time transform (keep-ratio resize + normalize) is a
-separate callable, :class:`eval.transforms.TestTransform`, and the size rule is
-:func:`eval.transforms.rescale_size`; both are re-exported here.
+:func:`build_dataset` picks one by name. Images are decoded by :func:`zoo.images.read_image`; the test
+pipeline (keep-ratio resize, normalise, the network, back to the original size) is :mod:`zoo.inference`.
 
 >>> from eval.datasets import build_dataset                       # doctest: +SKIP
 >>> val = build_dataset("cityscapes", "data/cityscapes", "val")   # doctest: +SKIP
@@ -36,6 +35,7 @@ separate callable, :class:`eval.transforms.TestTransform`, and the size rule is
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,21 +43,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision import tv_tensors
 
-from eval.classes import DatasetMeta, dataset_meta, default_palette
 from eval.metrics import reduce_zero_label_
-from eval.transforms import TestTransform, rescale_size
+from zoo.classes import DatasetMeta, dataset_meta, default_palette
+from zoo.images import ImageError, read_image
 
 __all__ = [
     "DatasetError", "Sample", "SegDataset", "CityscapesDataset", "ADE20KDataset", "VOCDataset",
-    "FolderDataset", "build_dataset", "read_image", "read_mask", "TestTransform", "rescale_size",
-    "DATASET_NAMES", "read_folder_meta", "parse_dataset_json",
+    "FolderDataset", "build_dataset", "read_mask", "DATASET_NAMES", "read_folder_meta", "parse_dataset_json",
 ]
 
 DATASET_NAMES = ("cityscapes", "ade20k", "voc", "folder")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 
 
 class DatasetError(ValueError):
@@ -74,27 +73,6 @@ class Sample:
 
 
 # ---------------------------------------------------------------------------------------------- file readers
-
-def read_image(path: str | Path, exif_transpose: bool = False) -> torch.Tensor:
-    """Decode an image file to a uint8 RGB tensor (3, H, W) (alpha dropped, grey/palette expanded).
-
-    ``exif_transpose`` turns camera photos upright (for ``isa predict``); datasets keep the stored pixel
-    order so that images stay aligned with their masks.
-
-    >>> import tempfile, os
-    >>> from PIL import Image
-    >>> p = os.path.join(tempfile.mkdtemp(), "x.png"); Image.new("L", (5, 3), 7).save(p)
-    >>> read_image(p).shape
-    torch.Size([3, 3, 5])
-    """
-    try:
-        with Image.open(path) as pil:
-            upright = ImageOps.exif_transpose(pil) if exif_transpose else pil
-            array = np.asarray(upright.convert("RGB"))
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"cannot read image {path}: {err}") from err
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
 
 def read_mask(path: str | Path, palette: Sequence[Sequence[int]] | None = None) -> np.ndarray:
     """Decode a label PNG to an integer array (H, W) of class indices, as stored.
@@ -181,6 +159,11 @@ class SegDataset(torch.utils.data.Dataset):
         """The checked label map (H, W) of sample ``index`` (reduce_zero_label applied), as a plain tensor."""
         sample = self.samples[index]
         raw = torch.from_numpy(np.ascontiguousarray(read_mask(sample.mask_path, self.mask_palette)).astype(np.int64))
+        if self.meta.label_map:
+            mapped = raw.clone()
+            for stored, index in self.meta.label_map:
+                mapped[raw == stored] = index
+            raw = mapped
         label = reduce_zero_label_(raw, self.ignore_index) if self.reduce_zero_label else raw
         bad = ((label < 0) | (label >= self.num_classes)) & (label != self.ignore_index)
         if bool(bad.any()):
@@ -188,8 +171,9 @@ class SegDataset(torch.utils.data.Dataset):
             found = {int(v): int(c) for v, c in zip(values, counts)}
             stage = " (raw PNG values, before reduce_zero_label)" if self.reduce_zero_label else ""
             if self.meta.name == "folder":
-                fix = ("Relabel them, or fix \"classes\" / \"ignore_index\" in dataset.json (binary masks stored "
-                       "as 0/255: relabel 255 → 1 and list 2 classes)")
+                fix = ("Relabel them, or fix \"classes\" / \"ignore_index\" in dataset.json, or map stored values "
+                       "to classes with \"label_map\" in dataset.json (e.g. {\"255\": 1}); `isa check-data` lists "
+                       "every problem")
             else:
                 fix = (f"This is not a {self.meta.name} label map as MMSegmentation expects it (e.g. Cityscapes "
                        "*_labelIds.png instead of *_labelTrainIds.png); regenerate it with MMSegmentation's "
@@ -201,7 +185,10 @@ class SegDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, Any, dict[str, Any]]:
         sample = self.samples[index]
-        image = read_image(sample.image_path)
+        try:
+            image = read_image(sample.image_path)
+        except ImageError as err:
+            raise DatasetError(str(err)) from err
         mask = self.load_mask(index)
         if tuple(image.shape[-2:]) != tuple(mask.shape):
             raise DatasetError(f"image {sample.image_path} is {image.shape[-2]}×{image.shape[-1]} (h×w) but its "
@@ -224,11 +211,32 @@ class SegDataset(torch.utils.data.Dataset):
                                    f"is {mask.shape[0]}×{mask.shape[1]}; they must match")
 
 
-def _scan(image_dir: Path, image_suffix: str | Sequence[str]) -> list[str]:
-    """Relative paths (posix) of files under ``image_dir`` ending in a suffix, sorted like mmseg (by string)."""
-    suffixes = tuple(s.lower() for s in ((image_suffix,) if isinstance(image_suffix, str) else image_suffix))
-    found = [p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*")
-             if p.is_file() and p.name.lower().endswith(suffixes)]
+def list_files(folder: Path, suffixes: str | Sequence[str]) -> list[str]:
+    """Relative paths (posix) of the files under ``folder`` ending in one of ``suffixes``, as MMSegmentation
+    lists them (mmengine's ``list_dir_or_file`` / mmcv's ``scandir``), sorted by string.
+
+    Hidden files (``.name``, e.g. macOS ``._IMG.jpg`` resource forks) are skipped; directory links are
+    followed, each real directory once (a link loop ends there); suffixes match case-sensitively, so
+    ``.JPG`` is not ``.jpg`` (list both where both are meant).
+    """
+    suffixes = (suffixes,) if isinstance(suffixes, str) else tuple(suffixes)
+    found: list[str] = []
+    seen: set[str] = set()
+
+    def walk(directory: str, prefix: str) -> None:
+        real = os.path.realpath(directory)
+        if real in seen:
+            return
+        seen.add(real)
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if not entry.name.startswith(".") and entry.is_file():
+                    if entry.name.endswith(suffixes):
+                        found.append(prefix + entry.name)
+                elif entry.is_dir():  # follows links, like os.path.isdir
+                    walk(entry.path, prefix + entry.name + "/")
+
+    walk(str(folder), "")
     return sorted(found)
 
 
@@ -270,7 +278,7 @@ class CityscapesDataset(SegDataset):
         image_dir = _require_dir(root / "leftImg8bit" / split,
                                  f"Cityscapes (--data-root must contain leftImg8bit/ and gtFine/, split {split!r})")
         mask_dir = _require_dir(root / "gtFine" / split, f"Cityscapes split {split!r}")
-        rel = _scan(image_dir, "_leftImg8bit.png")
+        rel = list_files(image_dir, "_leftImg8bit.png")
         hint = (" Generate *_gtFine_labelTrainIds.png from the polygons with MMSegmentation's "
                 "tools/convert_datasets/cityscapes.py (or cityscapesscripts' createTrainIdLabelImgs).")
         samples = _pair(image_dir, mask_dir, rel, "_leftImg8bit.png", "_gtFine_labelTrainIds.png", hint)
@@ -297,7 +305,7 @@ class ADE20KDataset(SegDataset):
         image_dir = _require_dir(root / "images" / folder,
                                  "ADE20K (--data-root must be ADEChallengeData2016 or its parent)")
         mask_dir = _require_dir(root / "annotations" / folder, "ADE20K")
-        samples = _pair(image_dir, mask_dir, _scan(image_dir, ".jpg"), ".jpg", ".png")
+        samples = _pair(image_dir, mask_dir, list_files(image_dir, ".jpg"), ".jpg", ".png")
         super().__init__(samples, dataset_meta("ade20k"), description=f"ade20k:{root}:{split}", **kwargs)
 
 
@@ -339,22 +347,26 @@ class FolderDataset(SegDataset):
     """A custom dataset: ``ROOT/images/<split>/NAME.(jpg|png)`` + ``ROOT/masks/<split>/NAME.png``.
 
     ``ROOT/dataset.json`` (optional) holds ``classes`` (list of names), ``palette`` (list of [r, g, b], also
-    used to read colour masks), ``ignore_index`` (default 255), ``reduce_zero_label`` (default false).
+    used to read colour masks), ``ignore_index`` (default 255), ``reduce_zero_label`` (default false) and
+    ``label_map`` (stored mask value -> class index, applied first: ``{"255": 1}`` for binary 0/255 masks).
     Without it, pass ``num_classes`` (the CLI takes it from the model) and classes are named ``class_<i>``.
     Sub-folders are allowed; NAME keeps them.
 
     >>> FolderDataset("my_data", "val")    # doctest: +SKIP
     """
 
-    KEYS = ("classes", "palette", "ignore_index", "reduce_zero_label")
+    KEYS = ("classes", "palette", "ignore_index", "reduce_zero_label", "label_map")
 
     def __init__(self, root: str | Path, split: str = "val", num_classes: int | None = None,
                  **kwargs: Any) -> None:
         root = Path(root)
-        meta, palette_given = _folder_meta(root, num_classes)
+        if not root.is_dir():
+            raise DatasetError(f"folder dataset: {root} does not exist or is not a folder (--data DIR expects "
+                               "DIR/images/<split>/ and DIR/masks/<split>/)")
+        meta, palette_given = folder_meta(root, num_classes)
         image_dir = _require_dir(root / "images" / split, "folder dataset (expects ROOT/images/<split>/)")
         mask_dir = _require_dir(root / "masks" / split, "folder dataset (expects ROOT/masks/<split>/)")
-        rel = _scan(image_dir, (".jpg", ".jpeg", ".png"))
+        rel = list_files(image_dir, FOLDER_IMAGE_SUFFIXES)
         stems: dict[str, str] = {}
         for r in rel:
             stem = r.rsplit(".", 1)[0]
@@ -370,10 +382,11 @@ class FolderDataset(SegDataset):
 
 def read_folder_meta(root: str | Path, num_classes: int | None = None) -> DatasetMeta:
     """The :class:`DatasetMeta` of a folder dataset from ``ROOT/dataset.json`` (or from ``num_classes``)."""
-    return _folder_meta(Path(root), num_classes)[0]
+    return folder_meta(Path(root), num_classes)[0]
 
 
-def _folder_meta(root: Path, num_classes: int | None) -> tuple[DatasetMeta, bool]:
+def folder_meta(root: Path, num_classes: int | None) -> tuple[DatasetMeta, bool]:
+    """(meta, whether dataset.json gives a palette, which then maps colour masks to class indices)."""
     path = root / "dataset.json"
     if not path.is_file():
         if num_classes is None:
@@ -418,7 +431,18 @@ def _parse_dataset_json(path: Path) -> tuple[DatasetMeta, bool]:
         raise DatasetError(f"{path}: \"reduce_zero_label\" must be true or false, got {reduce_zero!r}")
     if 0 <= ignore_index < len(classes):
         raise DatasetError(f"{path}: ignore_index {ignore_index} is also a class index (0..{len(classes) - 1})")
-    meta = DatasetMeta("folder", tuple(classes), tuple(tuple(c) for c in palette), ignore_index, reduce_zero)
+    label_map = spec.get("label_map", {})
+    if not isinstance(label_map, dict):
+        raise DatasetError(f"{path}: \"label_map\" must map stored mask values to class indices, e.g. {{\"255\": 1}}")
+    pairs = []
+    for stored, index in label_map.items():
+        if not (str(stored).isdigit() and isinstance(index, int) and not isinstance(index, bool)
+                and (0 <= index < len(classes) or index == ignore_index)):
+            raise DatasetError(f"{path}: \"label_map\" entry {stored!r}: {index!r} must map a stored value (0..255) "
+                               f"to a class index 0..{len(classes) - 1} or the ignore_index {ignore_index}")
+        pairs.append((int(stored), index))
+    meta = DatasetMeta("folder", tuple(classes), tuple(tuple(c) for c in palette), ignore_index, reduce_zero,
+                       tuple(pairs))
     return meta, "palette" in spec
 
 

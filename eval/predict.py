@@ -6,13 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
-from eval.datasets import IMAGE_SUFFIXES, read_image
-from eval.inference import TestSettings, predict_label_map
-from eval.report import label_png, save_png_atomic
-from eval.visualize import overlay_with_legend
+from zoo.images import IMAGE_SUFFIXES
+from zoo.segmenter import Segmenter
+from zoo.visualize import label_png, overlay_with_legend, save_png
 
 
 def find_images(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
@@ -40,32 +38,30 @@ def find_images(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
     return found
 
 
-@torch.no_grad()
-def predict_files(model: torch.nn.Module, inputs: Sequence[str | Path], out_dir: str | Path, *,
-                  classes: Sequence[str], palette: Sequence[Sequence[int]], settings: TestSettings | None = None,
-                  aug_test: bool = False, dtype: str | torch.dtype | None = None,
-                  device: str | torch.device | None = None, alpha: float = 0.5,
-                  progress: bool = True) -> list[dict[str, Any]]:
+def predict_files(segmenter: Segmenter, inputs: Sequence[str | Path], out_dir: str | Path, *, tta: bool = False,
+                  alpha: float = 0.5, classes: Sequence[str] | None = None,
+                  palette: Sequence[Sequence[int]] | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Segment every image in ``inputs``; write ``<out>/<name>_mask.png`` and ``<out>/<name>_overlay.png``.
 
-    The mask is a palette PNG (pixel values = class indices, colours = ``palette``); the overlay blends
-    the image with the colours and adds a legend of the classes present. Returns one record per image.
+    The mask is a palette PNG (pixel values = class indices, colours = the palette); the overlay blends
+    the image with the colours and adds a legend of the classes present. Names and colours are the
+    weights' own (``segmenter.classes``/``palette``) unless ``classes``/``palette`` replace them.
+    Returns one record per image.
 
-    >>> from zoo import create_model                                                      # doctest: +SKIP
-    >>> from eval.classes import dataset_meta                                             # doctest: +SKIP
-    >>> meta = dataset_meta("cityscapes")                                                 # doctest: +SKIP
-    >>> model = create_model("isanet_r50-d8_512x1024_40k_cityscapes", weights="auto").eval()  # doctest: +SKIP
-    >>> predict_files(model, ["street.jpg"], "out", classes=meta.classes, palette=meta.palette)  # doctest: +SKIP
+    >>> from zoo import Segmenter                                                             # doctest: +SKIP
+    >>> predict_files(Segmenter(weights="runs/mine/model.safetensors"), ["street.jpg"], "out")  # doctest: +SKIP
     """
     out_dir = Path(out_dir)
-    model.eval()
+    classes = list(classes or segmenter.classes)
+    palette = list(palette or segmenter.palette)
     records = []
     for path, name in tqdm(find_images(inputs), desc="predict", unit="img", disable=not progress):
-        image = read_image(path, exif_transpose=True)
-        labels = predict_label_map(model, image, settings, aug_test=aug_test, dtype=dtype, device=device).cpu()
+        image = segmenter.load(path)
+        labels = segmenter(image, tta=tta)
         mask_path, overlay_path = out_dir / f"{name}_mask.png", out_dir / f"{name}_overlay.png"
-        save_png_atomic(label_png(labels, palette), mask_path)
-        save_png_atomic(overlay_with_legend(image, labels, classes, palette, alpha), overlay_path)
+        save_png(label_png(labels, palette), mask_path)
+        save_png(overlay_with_legend(image, labels, classes, palette, alpha), overlay_path)
         records.append({"image": str(path), "mask": str(mask_path), "overlay": str(overlay_path),
                         "classes_present": sorted(int(c) for c in labels.unique())})
+        del image, labels
     return records

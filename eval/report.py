@@ -1,18 +1,16 @@
-"""Presenting results: the per-class table, JSON-safe values, atomic file writes, palette PNGs."""
+"""Presenting results: the per-class table, JSON-safe values, JSON files written atomically."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
+
+from zoo.utils import write_bytes_atomic
 
 
 def format_table(result: dict[str, Any], classes: Sequence[str]) -> str:
@@ -58,42 +56,7 @@ def json_ready(value: Any) -> Any:
     return value
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_json_atomic(path: str | Path, payload: Any) -> None:
     """Pretty JSON (NaN written as null), atomically."""
     text = json.dumps(json_ready(payload), indent=2, allow_nan=False) + "\n"
     write_bytes_atomic(path, text.encode())
-
-
-def label_png(labels: torch.Tensor | np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
-    """A palette-mode ("P") PIL image: pixel values are the class indices, colours are the palette.
-
-    More than 256 classes do not fit a palette PNG; those are written as 16-bit grey indices.
-    """
-    array = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    if len(palette) > 256 or (array.size and array.max() > 255):
-        return Image.fromarray(array.astype(np.uint16))
-    array = np.ascontiguousarray(array.astype(np.uint8))
-    image = Image.frombytes("P", (array.shape[1], array.shape[0]), array.tobytes())
-    flat = [v for colour in palette for v in colour]
-    image.putpalette(flat + [0] * (768 - len(flat)))
-    return image
-
-
-def save_png_atomic(image: Image.Image, path: str | Path) -> None:
-    """Save a PIL image as PNG atomically."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    write_bytes_atomic(path, buffer.getvalue())

@@ -11,7 +11,7 @@ for mode in four fused split; do
     --layouts channels_last --backends triton eager --batch 1 8 --warmup 5 --rep 25 2>&1 | tail -9
 done 2>&1 | tee "$OUT/long_bwd_e2e.log"
 for dtype in float32 bfloat16; do
-  timeout 60 python3 -m zoo.cli bench model --device cuda --size 1024x2048 --dtype "$dtype" \
+  timeout 60 python3 -m isa bench model --device cuda --size 1024x2048 --dtype "$dtype" \
     --warmup 3 --repeats 10 --json "$OUT/model2_$dtype.json" 2>&1 | grep -v "^INFO" | head -1
 done
 for mode in four fused split; do

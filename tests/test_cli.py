@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 import zoo
-from zoo.cli import main
+from isa.cli import main
 from zoo.fuse import optimize_for_inference
 
 VARIANTS_JSON = Path(zoo.__file__).with_name("variants.json")

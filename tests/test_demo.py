@@ -110,7 +110,7 @@ def test_make_scene_dataset_rejects_tiny_images_naming_the_size(tmp_path):
 
 
 def test_resolve_model_prefers_a_variant_with_cached_weights(tmp_path, monkeypatch):
-    from zoo.demo import resolve_model
+    from isa.demo import resolve_model
 
     monkeypatch.setenv("ISA_HOME", str(tmp_path))
     assert resolve_model("r50-d8") == "isanet_r50-d8_512x1024_40k_cityscapes"  # first in `isa list` order
@@ -122,7 +122,7 @@ def test_resolve_model_prefers_a_variant_with_cached_weights(tmp_path, monkeypat
 
 
 def test_demo_refuses_a_non_empty_folder_it_did_not_write(tmp_path):
-    from zoo.demo import run_demo
+    from isa.demo import run_demo
 
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(ValueError, match="not written by `isa demo`"):
@@ -131,7 +131,7 @@ def test_demo_refuses_a_non_empty_folder_it_did_not_write(tmp_path):
 
 
 def test_a_folder_the_demo_wrote_is_cleared_for_the_next_run(tmp_path):
-    from zoo.demo import _prepare_out
+    from isa.demo import _prepare_out
 
     out = tmp_path / "demo"
     _prepare_out(out)  # a new folder: created and marked
@@ -144,7 +144,7 @@ def test_a_folder_the_demo_wrote_is_cleared_for_the_next_run(tmp_path):
 
 def test_quick_demo_writes_every_output_and_reports_the_figures(tmp_path, monkeypatch, capsys):
     from eval.datasets import FolderDataset
-    from zoo.cli import main
+    from isa.cli import main
 
     import train.engine as engine
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from eval.classes import ADE20K_CLASSES, CITYSCAPES_PALETTE, VOC_PALETTE
+from zoo.classes import ADE20K_CLASSES, CITYSCAPES_PALETTE, VOC_PALETTE
 from eval.datasets import (ADE20KDataset, CityscapesDataset, DatasetError, FolderDataset, VOCDataset,
                            build_dataset)
 

@@ -5,7 +5,6 @@ The served checkpoint is a real R-50 Cityscapes state_dict layout made of zero-s
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import shutil
@@ -19,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 import zoo.hub as hub
-from zoo.hub import DownloadError, add_download_parser, cached_weights, download, get_cache_dir, resolve_weights
+from isa.cli import main as isa_main
+from zoo.hub import DownloadError, cached_weights, download, get_cache_dir, resolve_weights
 from zoo.model import ISANet
 from zoo.registry import get_config, list_models
 
@@ -249,16 +249,13 @@ def test_resolve_weights_explicit_file_and_errors(tmp_path):
 
 
 def test_cli_download(served, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="isa")
-    add_download_parser(parser.add_subparsers(dest="command"))
     cache = tmp_path / "cache"
-    args = parser.parse_args(["download", NAME, "--cache-dir", str(cache), "--url", served, "--no-progress"])
-    assert args.func(args) == 0
+    assert isa_main(["download", NAME, "--cache-dir", str(cache), "--url", served, "--no-progress"]) == 0
     assert capsys.readouterr().out.strip() == str(cache / f"{NAME}.safetensors")
-    args = parser.parse_args(["download", "isanet_r50*", "--url", served, "--cache-dir", str(cache)])
-    assert args.func(args) == 2 and "--url needs exactly one variant" in capsys.readouterr().err
-    args = parser.parse_args(["download", "isanet_r5O*", "--cache-dir", str(cache)])
-    assert args.func(args) == 2 and "unknown model" in capsys.readouterr().err
+    assert isa_main(["download", "isanet_r50*", "--url", served, "--cache-dir", str(cache)]) == 2
+    assert "--url needs exactly one variant" in capsys.readouterr().err
+    assert isa_main(["download", "isanet_r5O*", "--cache-dir", str(cache)]) == 2
+    assert "unknown model" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -314,18 +311,15 @@ def test_backbone_download_errors_name_the_escape_hatch(server, tmp_path):
 
 
 def test_cli_download_with_backbone(served, served_backbone, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="isa")
-    add_download_parser(parser.add_subparsers(dest="command"))
     cache = tmp_path / "cache"
-    args = parser.parse_args(["download", NAME, "--cache-dir", str(cache), "--url", served, "--backbone",
-                              "--no-progress"])
-    assert args.func(args) == 0
+    assert isa_main(["download", NAME, "--cache-dir", str(cache), "--url", served, "--backbone", "--no-progress"]) == 0
     assert capsys.readouterr().out.split() == [str(cache / f"{NAME}.safetensors"), str(cache / served_backbone)]
 
 
 def test_training_build_fetches_the_backbone_once_and_resumed_runs_read_nothing(served_backbone, server, tmp_path,
                                                                                 monkeypatch):
-    from train.engine import TrainConfig, build_model
+    from train import TrainConfig
+    from train.engine import build_model
 
     monkeypatch.setenv("ISA_HOME", str(tmp_path / "home"))
     cfg = TrainConfig(model=NAME, data_root="unused", backbone_weights="auto", progress=False)

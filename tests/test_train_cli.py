@@ -6,8 +6,8 @@ import argparse
 import pytest
 
 import zoo
-from train.cli import add_arguments, add_train_parser, config_from_args
-from train.engine import TrainConfig
+from isa.training import add_arguments, add_parser, config_from_args
+from train import TrainConfig
 
 
 def _args(*argv):
@@ -19,13 +19,13 @@ def test_every_recipe_takes_dataset_crop_iterations_batch_and_intervals_from_the
     vc = zoo.get_config(name)
     cfg = config_from_args(_args("--recipe", name, "--data-root", "data", "--backbone-weights", "r.pth"))
     assert (cfg.model, cfg.recipe, cfg.data_root) == (name, name, "data")
-    assert cfg.crop_size_hw == tuple(vc.crop_size_hw) and cfg.img_scale_wh == tuple(vc.train_img_scale_wh)
+    assert cfg.crop_size == tuple(vc.crop_size_hw) and cfg.img_scale == tuple(vc.train_img_scale_wh)
     assert cfg.iters == vc.iters and cfg.batch_size == vc.total_batch_size == vc.samples_per_gpu * vc.gpus
     assert cfg.eval_interval == cfg.checkpoint_interval == vc.iters // 10
     assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.power, cfg.min_lr) == (0.01, 0.9, 0.0005, 0.9, 1e-4)
     assert cfg.ratio_range == (0.5, 2.0) and cfg.cat_max_ratio == 0.75 and cfg.aux_weight == 0.4
     assert cfg.avg_non_ignore is False and cfg.amp is None and cfg.weights is None
-    split = {"Cityscapes": "train", "ADE20K": "train"}.get(vc.dataset, "train+aug")
+    split = {"cityscapes": "train", "ade20k": "train"}.get(vc.dataset, "train+aug")
     assert cfg.train_split == split and cfg.val_split == "val"
 
 
@@ -38,7 +38,7 @@ def test_recipe_overrides_and_finetune_defaults():
                                  "--crop-size", "256", "320", "--batch-size", "2", "--work-dir", "out",
                                  "--num-classes", "4", "--lr", "0.001", "--checkpoint-interval", "10"))
     assert (cfg.dataset, cfg.data_root, cfg.weights, cfg.num_classes) == ("folder", "mine", "auto", 4)
-    assert cfg.crop_size_hw == (256, 320) and cfg.img_scale_wh == (1280, 256)
+    assert cfg.crop_size == (256, 320) and cfg.img_scale == (1280, 256)
     assert (cfg.iters, cfg.batch_size, cfg.lr, cfg.checkpoint_interval, cfg.eval_every) == (50, 2, 0.001, 10, 5)
 
 
@@ -61,10 +61,10 @@ def test_unknown_recipe_lists_close_matches():
 
 def test_isa_train_is_a_subcommand_of_isa():
     parser = argparse.ArgumentParser(prog="isa")
-    add_train_parser(parser.add_subparsers(dest="command"))
+    add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "--recipe", "isanet_r50-d8_512x512_80k_ade20k", "--data-root", "ade"])
     assert args.func.__name__ == "run" and args.recipe == "isanet_r50-d8_512x512_80k_ade20k"
-    from zoo.cli import build_parser
+    from isa.cli import build_parser
 
     args = build_parser().parse_args(["train", "--model", "isanet_r50-d8_512x512_20k_voc12aug", "--data", "x"])
     assert args.command == "train" and args.model == "isanet_r50-d8_512x512_20k_voc12aug"

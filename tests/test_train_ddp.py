@@ -98,9 +98,9 @@ def test_torchrun_two_processes_one_step_matches_one_process_on_the_same_global_
     common = ["--model", MODEL, "--data", str(data), "--weights", "none", "--iters", "1", "--crop-size", "64", "64",
               "--batch-size", "4", "--device", "cpu", "--threads", "1", "--dropout", "0", "--seed", "0",
               "--log-interval", "1", "--no-progress"]
-    two = subprocess.Popen(_torchrun("-m", "train", *common, "--work-dir", str(tmp_path / "two")), env=child_env(),
+    two = subprocess.Popen(_torchrun("-m", "isa", "train", *common, "--work-dir", str(tmp_path / "two")), env=child_env(),
                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    one = subprocess.run([sys.executable, "-m", "train", *common, "--work-dir", str(tmp_path / "one")], env=child_env(),
+    one = subprocess.run([sys.executable, "-m", "isa", "train", *common, "--work-dir", str(tmp_path / "one")], env=child_env(),
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     log, _ = two.communicate(timeout=300)
     assert one.returncode == 0, one.stdout + one.stderr

@@ -59,7 +59,7 @@ def test_nan_loss_stops_the_run_naming_the_iteration_and_the_last_good_checkpoin
         return out
 
     monkeypatch.setattr(engine, "isanet_loss", poisoned)
-    cfg = TrainConfig.for_finetune(MODEL, str(data), work_dir=str(tmp_path / "run"), iters=4, crop_size_hw=(64, 64),
+    cfg = TrainConfig.for_finetune(MODEL, str(data), work_dir=str(tmp_path / "run"), iters=4, crop_size=(64, 64),
                                    batch_size=2, weights="none", device="cpu", progress=False,
                                    checkpoint_interval=2, val_split=None)
     with pytest.raises(TrainingDiverged) as info:
@@ -70,7 +70,7 @@ def test_nan_loss_stops_the_run_naming_the_iteration_and_the_last_good_checkpoin
 
 
 def test_bf16_autocast_run_keeps_a_float32_loss_and_float32_weights(tmp_path, data):
-    cfg = TrainConfig.for_finetune(MODEL, str(data), work_dir=str(tmp_path / "run"), iters=1, crop_size_hw=(64, 64),
+    cfg = TrainConfig.for_finetune(MODEL, str(data), work_dir=str(tmp_path / "run"), iters=1, crop_size=(64, 64),
                                    batch_size=2, weights="none", device="cpu", progress=False, amp="bf16",
                                    val_split=None)
     result = engine.train(cfg)
@@ -82,11 +82,12 @@ def test_bf16_autocast_run_keeps_a_float32_loss_and_float32_weights(tmp_path, da
 
 def test_only_the_classifiers_are_reinitialised_when_the_class_count_differs(tmp_path, data):
     from zoo import create_model
+    from zoo.weights import save_weights
 
     torch.manual_seed(5)
     source = create_model(MODEL)  # 21 classes
     path = tmp_path / "voc.safetensors"
-    engine.save_safetensors(source, path, TrainConfig(model=MODEL, data_root="x"), [f"c{i}" for i in range(21)])
+    save_weights(source.state_dict(), path, source.meta)
     cfg = TrainConfig.for_finetune(MODEL, str(data), weights=str(path), device="cpu")
     model = engine.build_model(cfg, num_classes=3)
     src, got = source.state_dict(), model.state_dict()
@@ -116,7 +117,7 @@ def test_imagenet_backbone_weights_load_from_mmcv_keys_and_bad_files_name_the_fi
 
 
 def test_config_validation_names_the_field():
-    with pytest.raises(ValueError, match="crop size"):
-        TrainConfig(model=MODEL, data_root="x", crop_size_hw=(16, 16)).validate()
+    with pytest.raises(ValueError, match="crop-size"):
+        TrainConfig(model=MODEL, data_root="x", crop_size=(16, 16)).validate()
     with pytest.raises(ValueError, match="amp"):
         TrainConfig(model=MODEL, data_root="x", amp="fp8").validate()

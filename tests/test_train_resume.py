@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("free_disk")
 
 
 def _train_cmd(data: Path, work_dir: Path, *extra: str):
-    return [sys.executable, "-m", "train", "--model", MODEL, "--data", str(data), "--weights", "none",
+    return [sys.executable, "-m", "isa", "train", "--model", MODEL, "--data", str(data), "--weights", "none",
             "--iters", "4", "--crop-size", "64", "64", "--batch-size", "2", "--device", "cpu", "--threads", "1",
             "--checkpoint-interval", "2", "--eval-interval", "4", "--log-interval", "1", "--seed", "3",
             "--no-progress", "--work-dir", str(work_dir), *extra]

@@ -5,8 +5,8 @@ expected messages and the shapes of spec §2.2.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from zoo.model import ISANet
 from zoo.registry import get_config
-from zoo.weights import (CLASSIFIER_KEYS, CheckpointError, UnsafeCheckpointError, add_convert_parser,
+from zoo.weights import (CLASSIFIER_KEYS, CheckpointError, UnsafeCheckpointError,
                          convert_checkpoint, load_weights, read_state_dict)
 
 CITYSCAPES = "isanet_r50-d8_512x1024_40k_cityscapes"
@@ -91,7 +91,7 @@ def test_convert_roundtrips_every_tensor_and_records_metadata(state, mmseg_pth, 
         meta = f.metadata()
     assert meta["variant"] == CITYSCAPES
     assert meta["num_classes"] == "19"
-    assert meta["format_version"] == "1"
+    assert meta["format_version"] == "2" and json.loads(meta["test_scale_wh"]) == [2048, 1024]
     assert meta["source_sha256"] == hashlib.sha256(mmseg_pth.read_bytes()).hexdigest()
     assert meta["source_mmseg_version"] == "0.17.0+abc1234"
     assert meta["classes"] == '["' + '", "'.join(CLASSES_19) + '"]'
@@ -397,10 +397,9 @@ def test_load_weights_rejects_a_missing_backbone_tensor(light, tmp_path):
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser(prog="isa")
-    add_convert_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from isa.cli import main
+
+    return main(argv)
 
 
 def test_cli_convert_writes_file_and_reports_errors(light, tmp_path, capsys):

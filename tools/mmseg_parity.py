@@ -44,7 +44,7 @@ def errs(a, ref):
 
 def convert(src, dst, name):
     """The documented CLI path: `isa convert SRC.pth DST.safetensors --model NAME`."""
-    from zoo.cli import main as isa_main
+    from isa.cli import main as isa_main
     rc = isa_main(['convert', src, dst, '--model', name])
     if rc not in (0, None) or not os.path.exists(dst):
         raise RuntimeError(f'isa convert {src} {dst} --model {name} failed (rc={rc})')

@@ -6,8 +6,10 @@ Python API:
     ...                   iters=50, crop_size=(64, 64), batch_size=2, device="cpu")  # doctest: +SKIP
     >>> result["metrics"]["mIoU"], result["weights"]                          # doctest: +SKIP
 
-Command line: `isa train ...`, `python -m train ...`, `torchrun --nproc_per_node=G -m train ...`.
+Command line: `isa train ...`, `python -m isa train ...`, `torchrun --nproc_per_node=G -m isa train ...`.
 """
-from .engine import TrainConfig, TrainingDiverged, finetune, train
+from .config import TrainConfig
+from .engine import TrainingDiverged, TrainingInterrupted, finetune, train
+from .lock import WorkDirBusy
 
-__all__ = ["TrainConfig", "TrainingDiverged", "finetune", "train"]
+__all__ = ["TrainConfig", "TrainingDiverged", "TrainingInterrupted", "WorkDirBusy", "finetune", "train"]

@@ -18,6 +18,7 @@ Example:
 """
 from __future__ import annotations
 
+import signal
 from typing import Any, Iterator, List, Sequence, Tuple
 
 import torch
@@ -132,9 +133,15 @@ def collate(batch: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.T
     return torch.stack(images), torch.stack(labels)
 
 
+def _ignore_interrupts(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: the main process stops the run cleanly and then ends its
+    # workers; a worker dying of it first would turn that clean stop into a "worker exited" error
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_loader(train_set: TrainSet, batch_sampler: IterationBatchSampler, num_workers: int = 0,
                  pin_memory: bool = False) -> DataLoader:
     """DataLoader over the endless batch sampler; its own generator keeps the global RNG untouched."""
     return DataLoader(train_set, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate,
-                      pin_memory=pin_memory, generator=torch.Generator(),
+                      pin_memory=pin_memory, generator=torch.Generator(), worker_init_fn=_ignore_interrupts,
                       persistent_workers=False, prefetch_factor=2 if num_workers > 0 else None)

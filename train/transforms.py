@@ -30,17 +30,15 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
 from torchvision import tv_tensors
 
-from eval.transforms import rescale_size, resize_image
+from zoo.transforms import rescale_size, resize_image
+from zoo.utils import IMAGENET_MEAN, IMAGENET_STD
 
 IGNORE_INDEX = 255
-DEFAULT_MEAN = (123.675, 116.28, 103.53)
-DEFAULT_STD = (58.395, 57.12, 57.375)
 
 
 class _Transform(v2.Transform):
@@ -64,8 +62,8 @@ class RandomRescale(_Transform):
     """mmseg 0.x `Resize(img_scale, ratio_range, keep_ratio=True)`.
 
     r ~ U[lo, hi); target = (int(W_s * r), int(H_s * r)); the image is rescaled with the keep-ratio
-    rule (`eval.transforms.rescale_size`) into that target with the test pipeline's resize
-    (`eval.transforms.resize_image`: cv2 INTER_LINEAR semantics on uint8), masks nearest.
+    rule (`zoo.transforms.rescale_size`) into that target with the test pipeline's resize
+    (`zoo.transforms.resize_image`: cv2 INTER_LINEAR semantics on uint8), masks nearest.
     """
 
     def __init__(self, img_scale_wh: Sequence[int], ratio_range: Sequence[float] = (0.5, 2.0)):
@@ -303,8 +301,8 @@ class PadToSize(_Transform):
 
 def build_train_transforms(crop_size_hw: Sequence[int], img_scale_wh: Sequence[int],
                            ratio_range: Sequence[float] = (0.5, 2.0), cat_max_ratio: float = 0.75,
-                           flip_prob: float = 0.5, mean: Sequence[float] = DEFAULT_MEAN,
-                           std: Sequence[float] = DEFAULT_STD, photometric: bool = True) -> v2.Compose:
+                           flip_prob: float = 0.5, mean: Sequence[float] = IMAGENET_MEAN,
+                           std: Sequence[float] = IMAGENET_STD, photometric: bool = True) -> v2.Compose:
     """MMSeg's train pipeline (spec §4.1 steps 3-8) for (Image uint8 RGB, Mask uint8) pairs."""
     steps: List[v2.Transform] = [
         RandomRescale(img_scale_wh, ratio_range),
@@ -319,36 +317,3 @@ def build_train_transforms(crop_size_hw: Sequence[int], img_scale_wh: Sequence[i
         PadToSize(crop_size_hw, image_fill=0.0, mask_fill=IGNORE_INDEX),
     ]
     return v2.Compose(steps)
-
-
-def reduce_zero_label(mask: torch.Tensor) -> torch.Tensor:
-    """ADE20K's label shift: 0 -> 255 (ignored), k -> k - 1 (so 255 stays 255)."""
-    m = mask.to(torch.int64)
-    out = torch.where(m == 0, torch.full_like(m, IGNORE_INDEX), m - 1)
-    out = torch.where(m == IGNORE_INDEX, torch.full_like(m, IGNORE_INDEX), out)
-    return out.to(mask.dtype)
-
-
-def as_tv_pair(image: Any, mask: Any) -> Tuple[tv_tensors.Image, tv_tensors.Mask]:
-    """Accept (3,H,W)/(H,W,3) tensors, numpy arrays or PIL images; return (Image uint8, Mask (H, W))."""
-    if not isinstance(image, torch.Tensor):
-        arr = np.asarray(image)
-        if arr.ndim == 2:
-            arr = np.repeat(arr[:, :, None], 3, axis=2)
-        image = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
-    elif image.dim() == 3 and image.shape[0] not in (1, 3) and image.shape[-1] in (1, 3):
-        image = image.permute(2, 0, 1)
-    if image.dim() != 3 or image.shape[0] not in (1, 3):
-        raise ValueError(f"image must be RGB (3, H, W) or (H, W, 3), got shape {tuple(image.shape)}")
-    if image.shape[0] == 1:
-        image = image.expand(3, -1, -1)
-    if not isinstance(mask, torch.Tensor):
-        mask = torch.from_numpy(np.ascontiguousarray(np.asarray(mask)))
-    mask = mask.as_subclass(torch.Tensor)
-    if mask.dim() == 3 and mask.shape[0] == 1:
-        mask = mask[0]
-    if mask.dim() != 2:
-        raise ValueError(f"mask must be a (H, W) label map, got shape {tuple(mask.shape)}")
-    if tuple(mask.shape) != tuple(image.shape[-2:]):
-        raise ValueError(f"image {tuple(image.shape[-2:])} and mask {tuple(mask.shape)} sizes differ")
-    return tv_tensors.Image(image.contiguous()), tv_tensors.Mask(mask.contiguous())

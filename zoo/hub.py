@@ -13,7 +13,6 @@ converted on first use without any network access. `$ISA_HUB_URL` replaces the U
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import hashlib
@@ -31,7 +30,7 @@ from typing import Iterator, Optional, Union
 
 from tqdm import tqdm
 
-from .registry import get_config, list_models
+from .registry import get_config
 from .weights import _PUBLISH_HASH, convert_checkpoint, sha256_file
 
 log = logging.getLogger(__name__)
@@ -44,6 +43,7 @@ _CHUNK = 1 << 20
 _TIMEOUT_S = 60
 
 PathLike = Union[str, "os.PathLike[str]"]
+_INSTEAD = "--weights /path/to/the.pth (weights='/path/to/the.pth' in Python)"
 
 
 class DownloadError(RuntimeError):
@@ -106,7 +106,7 @@ def _check_hash(sha256: str, expected_prefix: Optional[str], source: str, placed
 
 
 def _offline_message(what: str, url: str, reason: str, cache: Path, offline: bool = True,
-                     instead: str = "weights='/path/to/the.pth'", place_as: Optional[str] = None) -> str:
+                     instead: str = _INSTEAD, place_as: Optional[str] = None) -> str:
     where = "Offline? Download that URL elsewhere" if offline else "Download it elsewhere"
     return (f"cannot download the weights of {what} from {url} ({reason}). {where} and copy the file "
             f"to {cache / (place_as or _file_name(url))} (it is hash-checked on first use), or pass {instead}")
@@ -176,7 +176,7 @@ def download(name: str, *, cache_dir: Optional[PathLike] = None, progress: bool 
 
 @contextlib.contextmanager
 def _fetch(url: str, cache: Path, expected_prefix: Optional[str], what: str, progress: bool,
-           instead: str = "weights='/path/to/the.pth'", place_as: Optional[str] = None) -> Iterator[Path]:
+           instead: str = _INSTEAD, place_as: Optional[str] = None) -> Iterator[Path]:
     """Download `url` to a temp file in `cache`, check its sha256 prefix, yield it; always removed after
     (move it away inside the block to keep it): nothing partial or unchecked stays in the cache."""
     file_name = _file_name(url)
@@ -255,63 +255,3 @@ def resolve_weights(name: str, weights: Union[None, str, PathLike], *,
         raise FileNotFoundError(errno.ENOENT, "weights file not found (use weights='auto' for the "
                                 "published checkpoint)", str(path))
     return path
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-
-
-def _download_main(args: argparse.Namespace) -> int:
-    names = list_models() if args.all else []
-    try:
-        for pattern in args.names:
-            matched = list_models(pattern)
-            if not matched:
-                get_config(pattern)  # raises KeyError with close matches
-            names += [n for n in matched if n not in names]
-        if not names:
-            print("isa download: error: name a variant (patterns allowed) or pass --all", file=sys.stderr)
-            return 2
-        if args.url and len(names) != 1:
-            print("isa download: error: --url needs exactly one variant", file=sys.stderr)
-            return 2
-        for name in names:
-            path = download(name, cache_dir=args.cache_dir, progress=not args.no_progress,
-                            url=args.url, force=args.force, keep_pth=args.keep_pth)
-            print(path)
-            if args.backbone:
-                print(backbone_weights(name, cache_dir=args.cache_dir, progress=not args.no_progress,
-                                       force=args.force))
-    except KeyError as exc:
-        print(f"isa download: error: {exc.args[0]}", file=sys.stderr)
-        return 2
-    except (DownloadError, ValueError, OSError) as exc:  # CheckpointError is a ValueError
-        print(f"isa download: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def add_download_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    """Add `isa download NAME... [--all]` to an argparse subparsers object.
-
-    Example:
-        >>> parser = argparse.ArgumentParser(prog="isa"); sub = parser.add_subparsers()
-        >>> add_download_parser(sub)  # then: args = parser.parse_args(); sys.exit(args.func(args))
-    """
-    parser = subparsers.add_parser(
-        "download", help="download published weights into the cache",
-        description=f"Download MMSegmentation's ISANet checkpoints, check their sha256 prefix and store "
-                    f"them as <cache>/<variant>.safetensors. Cache: --cache-dir, ${ENV_HOME} or "
-                    f"{DEFAULT_CACHE_DIR}. Offline: copy the .pth into the cache under its original "
-                    "name; it is checked and converted on first use.")
-    parser.add_argument("names", nargs="*", help="variant names or fnmatch patterns ('isanet_r50*')")
-    parser.add_argument("--all", action="store_true", help="all 16 variants")
-    parser.add_argument("--cache-dir", default=None, help=f"cache folder (default ${ENV_HOME} or {DEFAULT_CACHE_DIR})")
-    parser.add_argument("--url", default=None, help="download from this URL instead (one variant)")
-    parser.add_argument("--force", action="store_true", help="download again even if cached")
-    parser.add_argument("--keep-pth", action="store_true", help="keep the original .pth in the cache")
-    parser.add_argument("--backbone", action="store_true",
-                        help="also fetch the ImageNet ResNetV1c weights the variant's training recipe starts from")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=_download_main)
-    return parser

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from isa_triton import sparse_attention
 
+from .inference import TestSettings
+from .metadata import ModelMeta
 from .registry import VariantConfig
 
 MIN_INPUT_SIZE = 32
@@ -235,8 +237,10 @@ def check_image_batch(x: torch.Tensor) -> None:
 class ISANet(nn.Module):
     """MMSegmentation's EncoderDecoder for ISANet: `backbone`, `decode_head`, `auxiliary_head`.
 
-    Eval mode: `model(x)` returns logits at the input size (MMSeg's `encode_decode`).
+    Eval mode: `model(x)` maps a normalised batch to logits at the input size (MMSeg's `encode_decode`);
+    photos in, label maps out (resize, normalise, slide, back to size) is `zoo.Segmenter`.
     Train mode: `model(x)` returns `(decode_logits, aux_logits)` at 1/8 resolution.
+    `model.meta` says what the weights are (classes, palette, test pipeline; `zoo.metadata`).
 
     Example:
         >>> model = ISANet(get_config("isanet_r50-d8_512x1024_40k_cityscapes")).eval()
@@ -244,17 +248,26 @@ class ISANet(nn.Module):
         torch.Size([1, 19, 64, 64])
     """
 
-    def __init__(self, config: VariantConfig, num_classes: Optional[int] = None, backend: str = "auto"):
+    def __init__(self, config: VariantConfig, num_classes: Optional[int] = None, backend: str = "auto",
+                 meta: Optional[ModelMeta] = None):
         super().__init__()
         self.config = config
         self.num_classes = int(num_classes or config.num_classes)
+        if meta is not None and meta.num_classes != self.num_classes:
+            raise ValueError(f"meta describes {meta.num_classes} classes, the model has {self.num_classes}")
+        self.meta = meta or ModelMeta.for_variant(config, self.num_classes)
         self.align_corners = bool(config.align_corners)
         dh, ah = config.decode_head, config.auxiliary_head
         self.backbone = ResNetV1c(config.depth)
-        self.decode_head = ISAHead(self.num_classes, dh["in_channels"], dh["channels"], dh["isa_channels"],
-                                   dh["down_factor"], dh["dropout_ratio"], self.align_corners, backend)
-        self.auxiliary_head = FCNHead(self.num_classes, ah["in_channels"], ah["channels"],
-                                      ah["dropout_ratio"], self.align_corners)
+        self.decode_head = ISAHead(self.num_classes, dh.in_channels, dh.channels, dh.isa_channels,
+                                   dh.down_factor, dh.dropout_ratio, self.align_corners, backend)
+        self.auxiliary_head = FCNHead(self.num_classes, ah.in_channels, ah.channels, ah.dropout_ratio,
+                                      self.align_corners)
+
+    @property
+    def test_settings(self) -> TestSettings:
+        """The test pipeline these weights were validated with (`meta.test`)."""
+        return self.meta.test
 
     @property
     def backend(self) -> str:
@@ -280,14 +293,11 @@ class ISANet(nn.Module):
         return self.decode_head(feats), self.auxiliary_head(feats)
 
     def inference(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits at the input size with the variant's test mode (whole, or slide per spec §3.2)."""
-        from .inference import slide_inference  # local: inference.py imports nothing from here
+        """Logits at the input size of a normalised batch with the test mode (whole, or slide per spec §3.2)."""
+        from .inference import network_logits
 
         check_image_batch(x)
-        if self.config.test_mode == "slide":
-            return slide_inference(self.encode_decode, x, self.config.test_crop_size_hw,
-                                   self.config.test_stride_hw, self.align_corners)
-        return self.encode_decode(x)
+        return network_logits(self.encode_decode, x, self.test_settings)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,12 @@
-"""The 16 published ISANet variants as typed configs (one row of variants.json each)."""
+"""The 16 published ISANet variants as typed configs: what code needs, from one row of variants.json each.
+
+`VariantConfig` holds typed fields only (the dataset reader, its splits, the recipe, the heads, the
+test pipeline, provenance and published numbers). The row itself, with its prose (how MMSeg names
+the splits, where the GPU count comes from, ...), is `variant_row(name)`, what `isa info --json` prints.
+"""
 from __future__ import annotations
 
-import dataclasses
+import copy
 import difflib
 import fnmatch
 import json
@@ -12,25 +17,52 @@ from typing import Any, Dict, List, Optional, Tuple
 
 _VARIANTS_JSON = Path(__file__).with_name("variants.json")
 
+# MMSeg's dataset_type -> (reader in eval.datasets, train split, val split, workers per GPU), as its configs say
+_DATASETS = {
+    "CityscapesDataset": ("cityscapes", "train", "val", 2),
+    "ADE20KDataset": ("ade20k", "train", "val", 4),
+    "PascalVOCDataset": ("voc", "train+aug", "val", 4),
+}
+
+
+@dataclass(frozen=True)
+class ISAHeadConfig:
+    """MMSeg's ISAHead settings (decode head)."""
+
+    in_channels: int
+    channels: int
+    isa_channels: int
+    down_factor: Tuple[int, int]
+    dropout_ratio: float
+    loss_weight: float
+
+
+@dataclass(frozen=True)
+class FCNHeadConfig:
+    """MMSeg's FCNHead settings (auxiliary head on layer3, training only)."""
+
+    in_channels: int
+    channels: int
+    dropout_ratio: float
+    loss_weight: float
+
 
 @dataclass(frozen=True)
 class VariantConfig:
-    """Every setting of one MMSegmentation ISANet variant, under variants.json's field names."""
+    """Every setting of one MMSegmentation ISANet variant that code consumes."""
 
     name: str
-    mmseg_1x_config_name: str
-    backbone: str
-    backbone_type: str
     depth: int
-    pretrained: str
-    pretrained_url: str
-    dataset: str
-    dataset_type: str
+    # data
+    dataset: str  # the reader: "cityscapes", "ade20k" or "voc"
+    dataset_name: str  # as MMSeg's model zoo writes it, e.g. "Pascal VOC 2012 + Aug"
     num_classes: int
     reduce_zero_label: bool
     data_root: str
-    train_split: str
+    train_split: str  # the reader's split names, e.g. "train+aug"
     val_split: str
+    workers_per_gpu: int
+    # the training recipe (spec §4)
     crop_size_hw: Tuple[int, int]
     train_img_scale_wh: Tuple[int, int]
     ratio_range: Tuple[float, float]
@@ -41,22 +73,27 @@ class VariantConfig:
     samples_per_gpu: int
     gpus: int
     total_batch_size: int
-    gpus_source: str
-    optimizer: Dict[str, Any]
-    lr_schedule: Dict[str, Any]
-    norm: str
-    fp16: bool
-    decode_head: Dict[str, Any]
-    auxiliary_head: Dict[str, Any]
+    lr: float
+    momentum: float
+    weight_decay: float
+    power: float
+    min_lr: float
+    pretrained: str
+    pretrained_url: str
+    # the model
+    decode_head: ISAHeadConfig
+    auxiliary_head: FCNHeadConfig
     align_corners: bool
-    test_mode: str
+    # the test pipeline (spec §3)
+    test_mode: str  # "whole" or "slide"
     test_crop_size_hw: Optional[Tuple[int, int]]
     test_stride_hw: Optional[Tuple[int, int]]
     test_img_scale_wh: Tuple[int, int]
-    test_keep_ratio: bool
     ms_flip_ratios: Tuple[float, ...]
-    ms_flip: bool
-    img_norm: Dict[str, Any]
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    # provenance and published numbers
+    mmseg_config: str
     checkpoint_url: str
     checkpoint_sha256_prefix: str
     training_log_url: str
@@ -65,33 +102,56 @@ class VariantConfig:
     train_memory_gb: float
     inference_ms_per_img: float
     fps: float
-    fps_hardware: str
-    ms_flip_scales_note: str
 
     @property
     def block_size(self) -> Tuple[int, int]:
         """ISA's block (down_factor) as (height, width)."""
-        bh, bw = self.decode_head["down_factor"]
-        return int(bh), int(bw)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The config as plain JSON types, with variants.json's field names and order."""
-        out = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+        return self.decode_head.down_factor
 
 
-_TUPLE_FIELDS = {f.name for f in dataclasses.fields(VariantConfig)
-                 if str(f.type).startswith(("Tuple", "Optional[Tuple"))}
+def _pair(value: Any, kind: type = int) -> Optional[tuple]:
+    return None if value is None else tuple(kind(v) for v in value)
+
+
+def _config(row: Dict[str, Any]) -> VariantConfig:
+    dataset, train_split, val_split, workers = _DATASETS[row["dataset_type"]]
+    dh, ah = row["decode_head"], row["auxiliary_head"]
+    return VariantConfig(
+        name=row["name"], depth=int(row["depth"]),
+        dataset=dataset, dataset_name=row["dataset"], num_classes=int(row["num_classes"]),
+        reduce_zero_label=bool(row["reduce_zero_label"]), data_root=row["data_root"], train_split=train_split,
+        val_split=val_split, workers_per_gpu=workers,
+        crop_size_hw=_pair(row["crop_size_hw"]), train_img_scale_wh=_pair(row["train_img_scale_wh"]),
+        ratio_range=_pair(row["ratio_range"], float), cat_max_ratio=float(row["cat_max_ratio"]),
+        iters=int(row["iters"]), eval_interval=int(row["eval_interval"]),
+        checkpoint_interval=int(row["checkpoint_interval"]), samples_per_gpu=int(row["samples_per_gpu"]),
+        gpus=int(row["gpus"]), total_batch_size=int(row["total_batch_size"]),
+        lr=float(row["optimizer"]["lr"]), momentum=float(row["optimizer"]["momentum"]),
+        weight_decay=float(row["optimizer"]["weight_decay"]), power=float(row["lr_schedule"]["power"]),
+        min_lr=float(row["lr_schedule"]["min_lr"]), pretrained=row["pretrained"], pretrained_url=row["pretrained_url"],
+        decode_head=ISAHeadConfig(int(dh["in_channels"]), int(dh["channels"]), int(dh["isa_channels"]),
+                                  _pair(dh["down_factor"]), float(dh["dropout_ratio"]), float(dh["loss_weight"])),
+        auxiliary_head=FCNHeadConfig(int(ah["in_channels"]), int(ah["channels"]), float(ah["dropout_ratio"]),
+                                     float(ah["loss_weight"])),
+        align_corners=bool(row["align_corners"]), test_mode=row["test_mode"],
+        test_crop_size_hw=_pair(row["test_crop_size_hw"]), test_stride_hw=_pair(row["test_stride_hw"]),
+        test_img_scale_wh=_pair(row["test_img_scale_wh"]), ms_flip_ratios=_pair(row["ms_flip_ratios"], float),
+        mean=_pair(row["img_norm"]["mean"], float), std=_pair(row["img_norm"]["std"], float),
+        mmseg_config=row["mmseg_1x_config_name"], checkpoint_url=row["checkpoint_url"],
+        checkpoint_sha256_prefix=row["checkpoint_sha256_prefix"], training_log_url=row["training_log_url"],
+        mIoU=float(row["mIoU"]), mIoU_ms_flip=float(row["mIoU_ms_flip"]),
+        train_memory_gb=float(row["train_memory_gb"]), inference_ms_per_img=float(row["inference_ms_per_img"]),
+        fps=float(row["fps"]))
+
+
+@lru_cache(maxsize=None)
+def _rows() -> Dict[str, Dict[str, Any]]:
+    return {row["name"]: row for row in json.loads(_VARIANTS_JSON.read_text())["variants"]}
 
 
 @lru_cache(maxsize=None)
 def _variants() -> Dict[str, VariantConfig]:
-    rows = json.loads(_VARIANTS_JSON.read_text())["variants"]
-    out = {}
-    for row in rows:
-        row = {k: tuple(v) if k in _TUPLE_FIELDS and v is not None else v for k, v in row.items()}
-        out[row["name"]] = VariantConfig(**row)
-    return out
+    return {name: _config(row) for name, row in _rows().items()}
 
 
 def list_models(pattern: str = "*") -> List[str]:
@@ -117,3 +177,13 @@ def get_config(name: str) -> VariantConfig:
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise KeyError(f"unknown model {name!r}.{hint} `isa list` shows all {len(variants)} names.")
     return variants[name]
+
+
+def variant_row(name: str) -> Dict[str, Any]:
+    """The variant's row of variants.json as published (a copy), prose included.
+
+    Example:
+        >>> variant_row("isanet_r50-d8_512x1024_40k_cityscapes")["dataset_type"]
+        'CityscapesDataset'
+    """
+    return copy.deepcopy(_rows()[get_config(name).name])

@@ -11,32 +11,29 @@ model file is the single source of truth for the state_dict layout (spec §2.2).
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import hashlib
-import json
 import logging
-import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
+from .metadata import SCHEMA_VERSION, MetadataError, ModelMeta
+from .registry import get_config
+from .utils import PathLike, atomic_write
+
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 Shape = Tuple[int, ...]
 
-FORMAT_VERSION = 1
-"""Version of the zoo's .safetensors layout (metadata keys below); bump on incompatible change."""
 
 CLASSIFIER_KEYS = (
     "decode_head.conv_seg.weight",
@@ -231,9 +228,10 @@ def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, st
         raise CheckpointError(f"{path}: cannot read this .safetensors file (truncated or corrupt?): "
                               f"{_first_line(exc)}") from exc
     version = metadata.get("format_version")
-    if version is not None and version.isdigit() and int(version) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: written with zoo format version {version}, this isa-triton reads "
-                              f"up to {FORMAT_VERSION}; upgrade isa-triton")
+    if version is not None and version.isdigit() and int(version) > SCHEMA_VERSION:
+        raise CheckpointError(f"{path}: written with metadata schema {version} (isa-triton "
+                              f"{metadata.get('isa_triton_version', '?')}), this isa-triton reads up to "
+                              f"{SCHEMA_VERSION}; upgrade isa-triton")
     return tensors, metadata
 
 
@@ -249,6 +247,7 @@ def _read_checkpoint(path: PathLike, verify_hash: bool = True
     if kind == "safetensors":
         tensors, metadata = _read_safetensors(path)
         state, _ = _unwrap(tensors, path)
+        check_finite(state, path)
         return state, metadata, None
     if kind == "unknown":
         raise CheckpointError(f"{path}: neither a .safetensors file nor a PyTorch checkpoint "
@@ -257,7 +256,19 @@ def _read_checkpoint(path: PathLike, verify_hash: bool = True
     if verify_hash:
         _check_publish_hash(path, sha256)
     state, meta = _unwrap(_torch_load(path), path)
+    check_finite(state, path)
     return state, meta, sha256
+
+
+def check_finite(state: Mapping[str, torch.Tensor], path: PathLike) -> None:
+    """Refuse weights with NaN or infinite values, naming the first bad tensor (a diverged or corrupt file
+    would otherwise load silently and predict one class everywhere)."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            kind = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
+            raise CheckpointError(f"{path}: tensor {key!r} has {bad} {kind} value(s) of {tensor.numel()}: the "
+                                  "weights are corrupt or come from a diverged run; use an earlier checkpoint")
 
 
 def read_state_dict(path: PathLike, *, verify_hash: bool = True) -> Dict[str, torch.Tensor]:
@@ -423,35 +434,14 @@ def _add_hints(diff: StateDictDiff, state: Mapping[str, torch.Tensor],
                 hint = (f"this checkpoint is for a {file_classes}-class variant; pass --model {fits[0]} "
                         f"or num_classes={file_classes}")
             else:
-                hint = (f"this checkpoint has {file_classes} classes; pass num_classes={file_classes} "
-                        f"(--num-classes {file_classes})")
+                hint = (f"this checkpoint has {file_classes} classes (a fine-tuned model?): convert it with "
+                        f"`isa convert SRC DST --model NAME --num-classes {file_classes}` "
+                        f"(num_classes={file_classes} in Python)")
             diff.hints["decode_head.conv_seg"] = hint
 
 
 # --------------------------------------------------------------------------------------------
 # conversion
-
-
-def _atomic_save_safetensors(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str], dst: Path) -> None:
-    """Write to a temp file beside `dst`, fsync, os.replace: readers never see a partial file."""
-    from safetensors.torch import save_file
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache may be shared
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _owned_contiguous(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -468,22 +458,42 @@ def _owned_contiguous(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
     return out
 
 
+def save_weights(state: Mapping[str, torch.Tensor], path: PathLike, meta: ModelMeta) -> Path:
+    """Write a state_dict and its `ModelMeta` as the zoo's .safetensors, atomically (the one writer).
+
+    Example:
+        >>> model = create_model("isanet_r50-d8_512x1024_40k_cityscapes")
+        >>> save_weights(model.state_dict(), "r50.safetensors", model.meta)
+        PosixPath('r50.safetensors')
+    """
+    from safetensors.torch import save
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"destination {path} must end with .safetensors")
+    tensors = _owned_contiguous({k: v.detach().cpu() for k, v in state.items()})
+    classifier = tensors.get(CLASSIFIER_KEYS[0])
+    if classifier is not None and int(classifier.shape[0]) != meta.num_classes:
+        raise MetadataError(f"{path}: the classifier has {int(classifier.shape[0])} classes but the metadata says "
+                            f"{meta.num_classes}")
+    return atomic_write(path, lambda f: f.write(save(tensors, metadata=meta.to_metadata())))
+
+
 def convert_checkpoint(src: PathLike, dst: PathLike, name: str, *,
                        num_classes: Optional[int] = None) -> Path:
     """Convert an MMSegmentation checkpoint for variant `name` to the zoo's .safetensors.
 
     Reads `src` safely, checks every key and shape against the variant's model (a mismatch raises
     CheckpointError grouped by module with the fix), keeps dtypes (int64 `num_batches_tracked`
-    included; missing ones are written as 0) and writes `dst` atomically with metadata: variant,
-    num_classes, depth, source_file, source_sha256, format_version.
+    included; missing ones are written as 0) and writes `dst` atomically with the metadata schema of
+    `zoo.metadata` (class names and palette from the checkpoint's meta when it has them, else the
+    variant's dataset's; the source file and its sha256).
 
     Example:
         >>> convert_checkpoint("isanet_r50-d8_512x1024_40k_cityscapes_20210901_054739-981bd763.pth",
         ...                    "r50_cityscapes.safetensors", "isanet_r50-d8_512x1024_40k_cityscapes")
         PosixPath('r50_cityscapes.safetensors')
     """
-    from .registry import get_config
-
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
         raise ValueError(f"destination {dst} must end with .safetensors")
@@ -506,24 +516,32 @@ def convert_checkpoint(src: PathLike, dst: PathLike, name: str, *,
         else:
             tensors[key] = state[key]
     classes = expected["decode_head.conv_seg.weight"][0][0]
-    metadata = {
-        "format": "pt",  # safetensors' convention for torch tensors
-        "format_version": str(FORMAT_VERSION),
-        "variant": name,
-        "num_classes": str(classes),
-        "depth": str(config.depth),
-        "source_file": src.name,
-        "source_sha256": source_sha256,
-    }
-    names = meta.get("CLASSES")
-    if isinstance(names, (list, tuple)) and len(names) == classes and all(isinstance(n, str) for n in names):
-        metadata["classes"] = json.dumps(list(names))
-    for meta_key in ("mmseg_version", "mmcv_version", "exp_name"):
-        if isinstance(meta.get(meta_key), str):
-            metadata[f"source_{meta_key}"] = meta[meta_key]
-    _atomic_save_safetensors(_owned_contiguous(tensors), metadata, dst)
+    names, palette = meta.get("CLASSES"), meta.get("PALETTE")
+    names = list(names) if isinstance(names, (list, tuple)) and len(names) == classes \
+        and all(isinstance(n, str) for n in names) else None
+    palette = [list(c) for c in palette] if isinstance(palette, (list, tuple)) and len(palette) == classes \
+        and all(isinstance(c, (list, tuple)) and len(c) == 3 for c in palette) else None
+    extra = {f"source_{k}": meta[k] for k in ("mmseg_version", "mmcv_version", "exp_name") if isinstance(meta.get(k), str)}
+    model_meta = ModelMeta.for_variant(config, classes, names, palette, source_file=src.name,
+                                       source_sha256=source_sha256, extra=extra)
+    save_weights(tensors, dst, model_meta)
     log.info("wrote %s (%s, %d classes, %d tensors) from %s", dst, name, classes, len(tensors), src)
     return dst
+
+
+def read_model_meta(path: PathLike, metadata: Optional[Mapping[str, str]] = None) -> Optional[ModelMeta]:
+    """The `ModelMeta` a .safetensors file carries, or None when it has none (a .pth, another tool's file).
+
+    Malformed or contradictory metadata raises MetadataError naming the file and the key.
+    """
+    path = Path(path)
+    if metadata is None:
+        if _sniff(path) != "safetensors" and path.suffix != ".safetensors":
+            return None
+        metadata = read_metadata(path)
+    if not metadata.get("variant"):
+        return None
+    return ModelMeta.from_metadata(metadata, where=str(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,7 +556,8 @@ def load_weights(model: nn.Module, path: PathLike, *, strict_classifier: bool = 
     model was built with a non-default `num_classes` (fine-tuning) or `strict_classifier=False`,
     they are skipped and re-initialised with MMSeg's init (Normal std 0.01, bias 0). With the
     variant's own num_classes and `strict_classifier=True`, a class mismatch means the file belongs
-    to another variant and raises CheckpointError naming the fix.
+    to another variant and raises CheckpointError naming the fix. A file whose metadata contradicts
+    its tensors (class count) raises MetadataError.
 
     Example:
         >>> model = ISANet(get_config("isanet_r50-d8_512x1024_40k_cityscapes"), num_classes=5)
@@ -547,6 +566,12 @@ def load_weights(model: nn.Module, path: PathLike, *, strict_classifier: bool = 
     """
     path = Path(path)
     state, metadata, _ = _read_checkpoint(path)
+    file_weight = state.get(CLASSIFIER_KEYS[0])
+    if metadata.get("num_classes", "").isdigit() and file_weight is not None \
+            and int(metadata["num_classes"]) != int(file_weight.shape[0]):
+        raise MetadataError(f"{path}: its metadata says num_classes={metadata['num_classes']} but the classifier "
+                            f"{CLASSIFIER_KEYS[0]} has {int(file_weight.shape[0])}; the file was altered after it "
+                            "was written: re-export it")
     target = model.state_dict()
     expected = {k: (tuple(v.shape), v.dtype) for k, v in target.items()}
     config = getattr(model, "config", None)
@@ -554,7 +579,6 @@ def load_weights(model: nn.Module, path: PathLike, *, strict_classifier: bool = 
     deliberate = config is not None and model_classes != int(config.num_classes)
 
     skipped: List[str] = []
-    file_weight = state.get(CLASSIFIER_KEYS[0])
     if (file_weight is not None and CLASSIFIER_KEYS[0] in expected
             and tuple(file_weight.shape[:1]) != expected[CLASSIFIER_KEYS[0]][0][:1]
             and (deliberate or not strict_classifier)):
@@ -568,7 +592,7 @@ def load_weights(model: nn.Module, path: PathLike, *, strict_classifier: bool = 
         raise CheckpointError(f"{path}: does not fit {variant} (num_classes={model_classes}): "
                               f"{diff.summary()}\n" + diff.format())
     if metadata.get("variant") and config is not None and metadata["variant"] != config.name:
-        log.info("%s was converted for %s; loading it into %s (same layout)", path,
+        log.info("%s was written for %s; loading it into %s (same layout)", path,
                  metadata["variant"], config.name)
 
     result = model.load_state_dict(state, strict=False)
@@ -584,44 +608,3 @@ def load_weights(model: nn.Module, path: PathLike, *, strict_classifier: bool = 
         log.info("%s: checkpoint has %d classes, model %d: re-initialised %s", path,
                  int(file_weight.shape[0]), model_classes, ", ".join(skipped))
     return skipped
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-
-
-def _convert_main(args: argparse.Namespace) -> int:
-    import sys
-
-    try:
-        dst = convert_checkpoint(args.src, args.dst, args.model, num_classes=args.num_classes)
-    except KeyError as exc:  # unknown model name; str(KeyError) would add quotes
-        print(f"isa convert: error: {exc.args[0]}", file=sys.stderr)
-        return 2
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"isa convert: error: {exc}", file=sys.stderr)
-        return 1
-    meta = read_metadata(dst)
-    print(f"wrote {dst}: {meta['variant']}, {meta['num_classes']} classes, "
-          f"source sha256 {meta['source_sha256'][:8]}")
-    return 0
-
-
-def add_convert_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    """Add `isa convert SRC.pth DST.safetensors --model NAME` to an argparse subparsers object.
-
-    Example:
-        >>> parser = argparse.ArgumentParser(prog="isa"); sub = parser.add_subparsers()
-        >>> add_convert_parser(sub)  # then: args = parser.parse_args(); sys.exit(args.func(args))
-    """
-    parser = subparsers.add_parser(
-        "convert", help="convert an MMSegmentation .pth checkpoint to .safetensors",
-        description="Read an MMSegmentation checkpoint safely (no pickled code runs), check every key "
-                    "and shape against the variant, and write a .safetensors file atomically.")
-    parser.add_argument("src", help="MMSegmentation checkpoint (.pth) or .safetensors")
-    parser.add_argument("dst", help="output file, ending in .safetensors")
-    parser.add_argument("--model", required=True, help="variant name, e.g. isanet_r50-d8_512x1024_40k_cityscapes")
-    parser.add_argument("--num-classes", type=int, default=None,
-                        help="class count of a fine-tuned checkpoint (default: the variant's)")
-    parser.set_defaults(func=_convert_main)
-    return parser

@@ -1,12 +1,12 @@
-"""`isa train` (and `python -m train`): reproduce a published recipe or fine-tune on a custom dataset.
+"""`isa train`: reproduce a published recipe or fine-tune on a custom dataset.
 
 Reproduction:  isa train --recipe NAME --data-root DIR   (ImageNet backbone fetched like MMSeg's)
 Fine-tuning:   isa train --model NAME --data DIR [--weights W] [--num-classes K] --iters N
                          --crop-size H W --batch-size B --work-dir OUT [--resume] ...
-Multi-GPU:     torchrun --nproc_per_node=G -m train ...   (or `torchrun ... $(which isa) train ...`)
+Multi-GPU:     torchrun --nproc_per_node=G -m isa train ...
 
 --batch-size is the *global* batch: it is split over the processes, so a recipe's 8 or 16 images
-per step hold on any number of GPUs.
+per step hold on any number of GPUs. Every flag is a `train.TrainConfig` field of the same name.
 """
 from __future__ import annotations
 
@@ -14,20 +14,29 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
+
+from isa import UsageError
 
 HELP_EPILOG = """examples:
   isa train --recipe isanet_r50-d8_512x1024_40k_cityscapes --data-root data/cityscapes
-  torchrun --nproc_per_node=4 -m train --recipe isanet_r50-d8_512x512_80k_ade20k \\
+  torchrun --nproc_per_node=4 -m isa train --recipe isanet_r50-d8_512x512_80k_ade20k \\
             --data-root data/ade/ADEChallengeData2016 --backbone-weights resnet50_v1c-2cccc1ad.pth
   isa train --model isanet_r50-d8_512x512_20k_voc12aug --data my_data --iters 2000 \\
             --crop-size 512 512 --batch-size 8 --work-dir runs/my_data
 """
 
+# flags whose value goes to the TrainConfig field of the same name when given
+_FIELDS = ("iters", "batch_size", "lr", "work_dir", "crop_size", "img_scale", "ratio_range", "test_scale",
+           "eval_interval", "checkpoint_interval", "eval_max_images", "early_stop", "keep_checkpoints",
+           "avg_non_ignore", "dropout", "resume", "seed", "device", "amp", "backend", "workers", "threads",
+           "log_interval", "num_classes", "weights", "backbone_weights")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The train options (shared by `isa train` and `python -m train`)."""
+    """The train options."""
     mode = p.add_argument_group("what to train (choose --recipe or --model)")
     mode.add_argument("--recipe", metavar="NAME", help="reproduce a published variant (isa list)")
     mode.add_argument("--data-root", metavar="DIR", help="dataset root for --recipe (cityscapes/ade20k/voc layout)")
@@ -49,25 +58,29 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sched.add_argument("--img-scale", type=int, nargs=2, metavar=("W", "H"),
                        help="ratio-resize base scale (recipe's; fine-tuning: 4*crop W, crop H)")
     sched.add_argument("--ratio-range", type=float, nargs=2, metavar=("LO", "HI"))
-    sched.add_argument("--test-scale", type=int, nargs=2, metavar=("W", "H"), help="evaluation resize scale")
+    sched.add_argument("--test-scale", type=int, nargs=2, metavar=("W", "H"),
+                       help="evaluation scale (recipe's; fine-tuning: --img-scale); stored in the weights")
     sched.add_argument("--eval-interval", type=int, metavar="N", help="default iters/10")
     sched.add_argument("--eval-max-images", type=int, metavar="N", help="evaluate on the first N val images only")
+    sched.add_argument("--early-stop", type=int, metavar="N", help="stop after N evaluations without a better val mIoU")
     sched.add_argument("--checkpoint-interval", type=int, metavar="M", help="default iters/10")
-    sched.add_argument("--keep-checkpoints", type=int, default=0, metavar="N", help="keep the N newest (0: all)")
-    sched.add_argument("--avg-non-ignore", action="store_true",
+    sched.add_argument("--keep-checkpoints", type=int, metavar="N", help="keep the N newest (0: all)")
+    sched.add_argument("--avg-non-ignore", action="store_true", default=None,
                        help="average the loss over non-ignored pixels (mmseg>=0.23 option; 0.x used all pixels)")
     sched.add_argument("--dropout", type=float, metavar="P", help="override the heads' Dropout2d ratio (0.1)")
     run = p.add_argument_group("run")
     run.add_argument("--work-dir", metavar="OUT", help="outputs (default work_dirs/NAME)")
-    run.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --work-dir")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--resume", action="store_true", default=None,
+                     help="continue from the newest complete checkpoint in --work-dir")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--device", help="auto, cpu, cuda [auto]")
     run.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (autocast); default fp32 as published")
-    run.add_argument("--backend", default="auto", choices=["auto", "triton", "eager", "sdpa"],
-                     help="ISA attention backend")
-    run.add_argument("--workers", type=int, metavar="N", help="data workers per process (cuda: the recipe's 2/4 or more, up to 8; cpu: 0)")
+    run.add_argument("--backend", choices=["auto", "triton", "eager", "sdpa"], help="ISA attention backend [auto]")
+    run.add_argument("--workers", type=int, metavar="N",
+                     help="data workers per process (cuda: the recipe's 2/4 or more, up to 8; cpu: 0)")
     run.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads (CPU reproducibility)")
     run.add_argument("--log-interval", type=int, metavar="N")
+    run.add_argument("--no-check-data", action="store_true", help="skip the data checks of a folder dataset")
     run.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
@@ -75,29 +88,21 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     """Build the TrainConfig an `isa train` command line describes."""
-    from .engine import TrainConfig
+    from train import TrainConfig
 
     if bool(args.recipe) == bool(args.model):
-        raise ValueError("choose one: --recipe NAME --data-root DIR (reproduce a variant) or --model NAME "
+        raise UsageError("choose one: --recipe NAME --data-root DIR (reproduce a variant) or --model NAME "
                          "--data DIR (fine-tune on a custom dataset)")
-    common: Dict[str, Any] = dict(
-        iters=args.iters, batch_size=args.batch_size, lr=args.lr, work_dir=args.work_dir,
-        crop_size_hw=tuple(args.crop_size) if args.crop_size else None,
-        img_scale_wh=tuple(args.img_scale) if args.img_scale else None,
-        ratio_range=tuple(args.ratio_range) if args.ratio_range else None,
-        test_scale_wh=tuple(args.test_scale) if args.test_scale else None,
-        eval_interval=args.eval_interval, checkpoint_interval=args.checkpoint_interval,
-        eval_max_images=args.eval_max_images, keep_checkpoints=args.keep_checkpoints,
-        avg_non_ignore=args.avg_non_ignore, dropout=args.dropout, resume=args.resume, seed=args.seed,
-        device=args.device, amp=args.amp, backend=args.backend, workers=args.workers, threads=args.threads,
-        log_interval=args.log_interval, progress=not args.no_progress, num_classes=args.num_classes,
-        weights=args.weights, backbone_weights=None if args.backbone_weights == "none" else args.backbone_weights)
-    common = {k: v for k, v in common.items() if v is not None}  # options not given keep the defaults
+    common: Dict[str, Any] = {k: getattr(args, k) for k in _FIELDS if getattr(args, k) is not None}
+    for key in ("crop_size", "img_scale", "ratio_range", "test_scale"):
+        if key in common:
+            common[key] = tuple(common[key])
+    common.update(progress=not args.no_progress, check_data=not args.no_check_data)
     if args.recipe:
         if not args.data_root:
-            raise ValueError("--recipe needs --data-root DIR (the dataset in MMSegmentation's layout)")
+            raise UsageError("--recipe needs --data-root DIR (the dataset in MMSegmentation's layout)")
         if args.data:
-            raise ValueError("--data is for --model fine-tuning; with --recipe use --data-root")
+            raise UsageError("--data is for --model fine-tuning; with --recipe use --data-root")
         if args.weights in (None, "none"):
             if args.backbone_weights is None:  # MMSeg's recipe: pretrained='open-mmlab://resnet50_v1c'
                 common["backbone_weights"] = "auto"
@@ -107,51 +112,49 @@ def config_from_args(args: argparse.Namespace):
                     "published recipe (it starts from ImageNet resnet%s_v1c)", "101" if "r101" in args.recipe else "50")
         return TrainConfig.from_recipe(args.recipe, args.data_root, **common)
     if not args.data:
-        raise ValueError("--model needs --data DIR (DIR/images/train + DIR/masks/train)")
+        raise UsageError("--model needs --data DIR (DIR/images/train + DIR/masks/train)")
     if args.data_root:
-        raise ValueError("--data-root is for --recipe; with --model use --data")
+        raise UsageError("--data-root is for --recipe; with --model use --data")
     return TrainConfig.for_finetune(args.model, args.data, **common)
+
+
+def resume_command(argv: list) -> str:
+    """The command line that continues this run."""
+    words = list(argv) + ([] if "--resume" in argv else ["--resume"])
+    return shlex.join(words)
 
 
 def run(args: argparse.Namespace) -> int:
     """`isa train` entry: returns the exit code."""
-    from .engine import train
+    from train import TrainingInterrupted, train
 
-    result = train(config_from_args(args))
+    try:
+        result = train(config_from_args(args))
+    except TrainingInterrupted as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"isa train: {exc}\ncontinue with: {resume_command(['isa', *sys.argv[1:]])}", file=sys.stderr)
+        return exc.exit_code
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # every rank returns the same result; rank 0 reports it
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1))
     else:
-        m = result["metrics"]
+        m, best = result["metrics"], result["best"]
         summary = f"mIoU {m['mIoU']:.2f}  aAcc {m['aAcc']:.2f}  mAcc {m['mAcc']:.2f}" if m else "no evaluation"
-        print(f"done: {result['iterations']} iterations, final loss {result['final_loss']:.4f}, {summary}\n"
-              f"weights {result['weights']}\nlog {result['log']}\ncurves {result['curves']}")
+        lines = [f"done: {result['iterations']} iterations, final loss {result['final_loss']:.4f}, {summary}",
+                 f"weights {result['weights']}"]
+        if best is not None:
+            lines.append(f"best    {result['best_weights']}  (mIoU {best['mIoU']:.2f} at iteration {best['iter']})")
+        lines += [f"config  {result['config']}", f"log     {result['log']}", f"curves  {result['curves']}"]
+        print("\n".join(lines))
     return 0
 
 
-def add_train_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    """Register `isa train` on the `isa` command's subparsers."""
+def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    """Register `isa train`."""
     p = subparsers.add_parser("train", help="train: reproduce a published recipe or fine-tune on your data",
                               description=__doc__, epilog=HELP_EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
     return p
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m train ...` (what torchrun launches)."""
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__, epilog=HELP_EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 reports progress
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"train: error: {message}", file=sys.stderr)
-        return 2

@@ -4,7 +4,7 @@ The tables below were generated from the spec and checked equal to ``mmseg.datas
 (1.2.2). ADE20K keeps its quirks on purpose: class 7 is ``"bed "`` with a trailing space and the colour
 (140, 140, 140) is used twice (6 road, 48 skyscraper).
 
->>> from eval.classes import dataset_meta
+>>> from zoo.classes import dataset_meta
 >>> meta = dataset_meta("cityscapes")
 >>> meta.classes[13], meta.palette[13]
 ('car', (0, 0, 142))
@@ -95,6 +95,7 @@ class DatasetMeta:
     palette: tuple[tuple[int, int, int], ...]
     ignore_index: int = 255
     reduce_zero_label: bool = False
+    label_map: tuple[tuple[int, int], ...] = ()  # (stored value, class index) pairs applied when reading masks
 
     @property
     def num_classes(self) -> int:
@@ -107,33 +108,16 @@ DATASETS: dict[str, DatasetMeta] = {
     "voc": DatasetMeta("voc", VOC_CLASSES, VOC_PALETTE),
 }
 
-# variants.json spells the dataset as a display name; the CLI spells it as a short key.
-_ALIASES = {
-    "cityscapes": "cityscapes",
-    "ade20k": "ade20k",
-    "ade": "ade20k",
-    "voc": "voc",
-    "pascal voc 2012 + aug": "voc",
-    "voc12aug": "voc",
-    "pascal_voc": "voc",
-}
-
-
-def dataset_key(name: str) -> str:
-    """Map a dataset spelling (``"Cityscapes"``, ``"ADE20K"``, ``"Pascal VOC 2012 + Aug"``, ``"voc"``) to a key.
-
-    >>> dataset_key("Pascal VOC 2012 + Aug")
-    'voc'
-    """
-    key = _ALIASES.get(name.strip().lower())
-    if key is None:
-        raise KeyError(f"unknown dataset {name!r}; known: {sorted(DATASETS)} (or 'folder' with a dataset.json)")
-    return key
-
-
 def dataset_meta(name: str) -> DatasetMeta:
-    """Class names, palette and label conventions of a benchmark dataset (see :func:`dataset_key`)."""
-    return DATASETS[dataset_key(name)]
+    """Class names, palette and label conventions of a benchmark dataset (a `VariantConfig.dataset`).
+
+    >>> dataset_meta("voc").num_classes
+    21
+    """
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise KeyError(f"unknown dataset {name!r}; known: {sorted(DATASETS)} (or 'folder' with a dataset.json)") from None
 
 
 def default_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:

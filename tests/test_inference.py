@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import zoo
-from eval.inference import TestSettings, predict_label_map, segment_probs, view_plan
-from eval.transforms import IMAGENET_MEAN, IMAGENET_STD
+from zoo.inference import TestSettings, predict_label_map, segment_probs, view_plan
+from zoo.utils import IMAGENET_MEAN, IMAGENET_STD
 from zoo.inference import slide_inference, slide_windows
 
 
@@ -21,7 +21,7 @@ class PointwiseModel(nn.Module):
         self.conv = nn.Conv2d(3, num_classes, 1)
         self.num_classes, self.align_corners, self.ramp = num_classes, align_corners, ramp
 
-    def inference(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.conv(x)
         if self.ramp:
             w = x.shape[-1]
@@ -37,7 +37,7 @@ class CoarseModel(PointwiseModel):
         small = F.avg_pool2d(x, 4, ceil_mode=True)
         return F.interpolate(self.conv(small), size=x.shape[-2:], mode="bilinear", align_corners=self.align_corners)
 
-    def inference(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_logits(x)
 
 
@@ -59,7 +59,7 @@ def reference_probs(model, image, views, align_corners):
         x = x.double()
         if flip:
             x = x.flip(-1)
-        logits = model.inference((x - mean) / std)
+        logits = model((x - mean) / std)
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=align_corners)
         probs = logits.softmax(1)
         total = total + (probs.flip(-1) if flip else probs)
@@ -69,10 +69,10 @@ def reference_probs(model, image, views, align_corners):
 
 def test_ms_flip_views_follow_0x_config_scale_rule():
     # Spec §3.3: targets (int(W·r), int(H·r)) of the config scale, each keep-ratio resized; plain then flipped.
-    voc = view_plan((375, 500), TestSettings(scale_wh=(2048, 512)), aug_test=True)
+    voc = view_plan((375, 500), TestSettings(scale_wh=(2048, 512)), tta=True)
     assert [hw for hw, _ in voc[::2]] == [(256, 341), (384, 512), (512, 683), (640, 853), (768, 1024), (896, 1195)]
     assert [flip for _, flip in voc] == [False, True] * 6
-    city769 = view_plan((1024, 2048), TestSettings(scale_wh=(2049, 1025)), aug_test=True)
+    city769 = view_plan((1024, 2048), TestSettings(scale_wh=(2049, 1025)), tta=True)
     assert [hw for hw, _ in city769[::2]] == [(512, 1024), (768, 1536), (1025, 2049), (1281, 2561), (1537, 3073),
                                              (1793, 3585)]
     assert view_plan((1024, 2048), TestSettings(scale_wh=(2049, 1025))) == [((1025, 2049), False)]
@@ -94,9 +94,9 @@ def test_ms_flip_matches_fp64_reference():
     image = torch.randint(0, 256, (3, 12, 18), dtype=torch.uint8)
     model = PointwiseModel(ramp=2.0)
     settings = TestSettings(scale_wh=(36, 24))
-    views = view_plan((12, 18), settings, aug_test=True)
+    views = view_plan((12, 18), settings, tta=True)
     assert len(views) == 12
-    got = segment_probs(model, image, settings, aug_test=True)
+    got = segment_probs(model, image, settings, tta=True)
     torch.testing.assert_close(got.double(), reference_probs(model, image, views, False), atol=2e-5, rtol=0)
     torch.testing.assert_close(got.sum(1), torch.ones(1, 12, 18))
 
@@ -108,14 +108,14 @@ def test_flip_tta_output_is_mirror_symmetric_on_a_symmetric_image():
     image = torch.cat([half, half.flip(-1)], dim=-1)
     model = PointwiseModel(ramp=3.0)
     settings = TestSettings(scale_wh=(48, 32), ratios=(1.0,))
-    probs = segment_probs(model, image, settings, aug_test=True)
+    probs = segment_probs(model, image, settings, tta=True)
     torch.testing.assert_close(probs, probs.flip(-1), atol=1e-6, rtol=0)
     plain = segment_probs(model, image, settings)
     assert not torch.allclose(plain, plain.flip(-1), atol=1e-3)  # the ramp really breaks symmetry
     # A pointwise (flip-equivariant) model: the flipped view equals the plain one on any image.
     equivariant = PointwiseModel()
     any_image = torch.randint(0, 256, (3, 16, 24), dtype=torch.uint8)
-    torch.testing.assert_close(segment_probs(equivariant, any_image, settings, aug_test=True),
+    torch.testing.assert_close(segment_probs(equivariant, any_image, settings, tta=True),
                                segment_probs(equivariant, any_image, settings), atol=1e-6, rtol=0)
 
 
@@ -158,7 +158,7 @@ def test_bfloat16_autocast_runs_and_mostly_agrees():
     settings = TestSettings(scale_wh=(24, 16))
     fp32 = predict_label_map(model, image, settings)
     bf16 = predict_label_map(model, image, settings, dtype="bf16")
-    assert bf16.dtype == torch.int64 and (bf16 == fp32).float().mean() > 0.9
+    assert bf16.dtype == torch.uint8 and (bf16 == fp32).float().mean() > 0.9
 
 
 def test_bad_image_shape_is_rejected():

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from eval.transforms import IMAGENET_MEAN, IMAGENET_STD, TestTransform, rescale_size, resize_image, resize_mask
+from zoo.transforms import TestTransform, rescale_size, resize_image, resize_mask
+from zoo.utils import IMAGENET_MEAN, IMAGENET_STD
 
 
 @pytest.mark.parametrize("size_hw, scale, want_hw", [

@@ -1,12 +1,15 @@
-"""Pictures of a label map: colour mask, overlay on the image, and a legend of the classes present."""
+"""Pictures of a label map: palette PNG, colour mask, overlay on the image with a legend of the classes present."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from .utils import PathLike, atomic_write
 
 
 def colorize(labels: torch.Tensor | np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
@@ -66,3 +69,23 @@ def draw_legend(shares: Sequence[tuple[int, float]], classes: Sequence[str],
         draw.rectangle([pad, y + 2, pad + swatch, y + 2 + swatch], fill=colour, outline=(0, 0, 0))
         draw.text((pad * 2 + swatch, y + 2), text, fill=(0, 0, 0), font=font)
     return panel
+
+
+def label_png(labels: torch.Tensor | np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
+    """A palette-mode ("P") PIL image: pixel values are the class indices, colours are the palette.
+
+    More than 256 classes do not fit a palette PNG; those are written as 16-bit grey indices.
+    """
+    array = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if len(palette) > 256 or (array.size and array.max() > 255):
+        return Image.fromarray(array.astype(np.uint16))
+    array = np.ascontiguousarray(array.astype(np.uint8))
+    image = Image.frombytes("P", (array.shape[1], array.shape[0]), array.tobytes())
+    flat = [v for colour in palette for v in colour]
+    image.putpalette(flat + [0] * (768 - len(flat)))
+    return image
+
+
+def save_png(image: Image.Image, path: PathLike) -> Path:
+    """Save a PIL image as PNG, atomically (the previous file stays until the new one is complete)."""
+    return atomic_write(path, lambda f: image.save(f, format="PNG"))

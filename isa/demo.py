@@ -13,7 +13,7 @@ Output folder (default ./demo_out): data/ (the dataset), train/ (log.jsonl, curv
 model.safetensors), curves.png, comparison.png, overlays/, summary.json.
 
 Example (Python):
-    >>> from zoo.demo import run_demo                                      # doctest: +SKIP
+    >>> from isa.demo import run_demo                                      # doctest: +SKIP
     >>> result = run_demo("demo_out", quick=True)                          # doctest: +SKIP
     >>> result["miou_before"] < result["miou_after"]                       # doctest: +SKIP
     True
@@ -89,8 +89,8 @@ def resolve_model(spec: str) -> str:
         >>> resolve_model("r50-d8").startswith("isanet_r50-d8_")
         True
     """
-    from .hub import cached_weights
-    from .registry import get_config, list_models
+    from zoo.hub import cached_weights
+    from zoo.registry import get_config, list_models
 
     matches = list_models(spec) or list_models(f"*{spec.lower()}*")
     if not matches:
@@ -115,20 +115,12 @@ def _prepare_out(out: Path) -> None:
     (out / _MARKER).write_text("written by `isa demo`; the next `isa demo --out` here replaces its contents\n")
 
 
-def _pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda, but PyTorch sees no CUDA GPU; use --device cpu")
-    return torch.device(device)
-
-
 # --------------------------------------------------------------------------------------------------
 # pictures
 
 
 def _blend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[int]], alpha: float = 0.55) -> np.ndarray:
-    from eval.visualize import colorize
+    from zoo.visualize import colorize
 
     mixed = image.astype(np.float32) * (1 - alpha) + colorize(labels, palette).astype(np.float32) * alpha
     return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
@@ -150,7 +142,7 @@ def _legend(classes: Sequence[str], palette: Sequence[Sequence[int]], font: Any)
 def comparison_png(rows: Sequence[Dict[str, np.ndarray]], classes: Sequence[str], palette: Sequence[Sequence[int]],
                    path: Path, scale: int = 2) -> Path:
     """One row per image: image | ground truth | before | after (colours blended), legend on the right."""
-    from eval.report import save_png_atomic
+    from zoo.visualize import save_png
 
     font = ImageFont.load_default()
     titles = ("image", "ground truth", "before fine-tuning", "after fine-tuning")
@@ -169,7 +161,7 @@ def comparison_png(rows: Sequence[Dict[str, np.ndarray]], classes: Sequence[str]
             picture = Image.fromarray(tile).resize((tw, th), Image.NEAREST)
             canvas.paste(picture, (pad + j * (tw + pad), head + i * (th + pad)))
     canvas.paste(legend, (pad + 4 * (tw + pad), head))
-    save_png_atomic(canvas, path)
+    save_png(canvas, path)
     return path
 
 
@@ -275,7 +267,7 @@ def triton_interpreter_check(shape: Sequence[int] = (1, 16, 24, 16, 16), block: 
 def gpu_kernel_bench(out: Path, budget_s: int = 240) -> Dict[str, Any]:
     """`isa bench kernels` in a subprocess (its table streams to this terminal); rows saved as JSON."""
     path = out / "bench_kernels.json"
-    command = [sys.executable, "-m", "zoo.cli", "bench", "kernels", "--json", str(path), "--budget", str(budget_s)]
+    command = [sys.executable, "-m", "isa", "bench", "kernels", "--json", str(path), "--budget", str(budget_s)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(_PROJECT_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     sys.stdout.flush()
@@ -327,17 +319,16 @@ def run_demo(out: str | os.PathLike = DEFAULT_OUT, *, model: str = DEFAULT_MODEL
     """
     from eval.datasets import FolderDataset
     from eval.evaluate import evaluate
-    from eval.inference import TestSettings, predict_label_map
     from eval.predict import predict_files
     from eval.report import write_json_atomic
-    # submodules, not `from train import ...`: works even where train/ is installed as a namespace package
-    from train.engine import TrainConfig, build_model, finetune
+    from train import TrainConfig, finetune
+    from train.engine import build_model
     from train.plot import plot_curves, read_log
     from train.synthetic import make_scene_dataset
-
-    from .factory import create_model
-    from .hub import cached_weights, get_cache_dir
-    from .registry import get_config
+    from zoo import Segmenter
+    from zoo.hub import cached_weights, get_cache_dir
+    from zoo.registry import get_config
+    from zoo.utils import resolve_device
 
     started = time.perf_counter()
     plan = QUICK if quick else FULL
@@ -348,7 +339,7 @@ def run_demo(out: str | os.PathLike = DEFAULT_OUT, *, model: str = DEFAULT_MODEL
     out = Path(out)
     name = resolve_model(model)
     config = get_config(name)
-    dev = _pick_device(device)
+    dev = resolve_device(device)
     _prepare_out(out)
     say(f"isa demo: fine-tune an ISANet from the zoo on synthetic scenes, then compare the attention kernels"
         f"{'  (--quick: toy sizes)' if quick else ''}")
@@ -384,15 +375,12 @@ def run_demo(out: str | os.PathLike = DEFAULT_OUT, *, model: str = DEFAULT_MODEL
 
     # the train package's own fine-tuning settings; img_scale (4 W, H) keeps the images at their size
     run_dir = out / "train"
-    train_kwargs: Dict[str, Any] = dict(
-        iters=plan.iters, crop_size=plan.crop_hw, batch_size=plan.batch_size, weights=weights, lr=plan.lr,
-        device=str(dev), seed=seed, checkpoint_interval=plan.iters, eval_interval=plan.eval_interval,
-        progress=progress, img_scale_wh=(4 * w, h), ratio_range=(0.75, 1.5), keep_checkpoints=1,
-        log_interval=plan.log_interval)
-    cfg = TrainConfig.for_finetune(name, str(data), work_dir=str(run_dir), crop_size_hw=plan.crop_hw,
-                                   **{k: v for k, v in train_kwargs.items() if k not in ("crop_size",)})
-    cfg = replace(cfg, weights=weights or "none")
-    settings_scale = (4 * w, h)
+    options: Dict[str, Any] = dict(
+        iters=plan.iters, crop_size=plan.crop_hw, batch_size=plan.batch_size, weights=weights or "none",
+        lr=plan.lr, device=str(dev), seed=seed, checkpoint_interval=plan.iters, eval_interval=plan.eval_interval,
+        progress=progress, img_scale=(4 * w, h), ratio_range=(0.75, 1.5), keep_checkpoints=1,
+        log_interval=plan.log_interval, work_dir=str(run_dir))
+    cfg = TrainConfig.for_finetune(name, str(data), **options)
 
     # 3. before / fine-tune / after ---------------------------------------------------------------
     say(f"[3/4] fine-tuning: {plan.iters} iterations, batch {plan.batch_size}, random {plan.crop_hw[0]}x"
@@ -401,16 +389,15 @@ def run_demo(out: str | os.PathLike = DEFAULT_OUT, *, model: str = DEFAULT_MODEL
         f"--iters {plan.iters} --batch-size {plan.batch_size} --crop-size {plan.crop_hw[0]} {plan.crop_hw[1]} "
         f"--lr {plan.lr} --img-scale {4 * w} {h} --ratio-range 0.75 1.5 --work-dir {run_dir}")
     torch.manual_seed(seed)  # the engine seeds the same way before building: this is its starting model
-    initial = build_model(cfg, len(classes)).to(dev)
-    settings = TestSettings.from_model(initial, scale_wh=settings_scale)
+    initial = Segmenter(build_model(cfg, len(classes)), device=dev, dtype="float32", scale_wh=cfg.img_scale)
     shown = list(range(min(plan.show_images, len(val_set))))
-    before = evaluate(initial, val_set, settings=settings, device=dev, num_workers=0, progress=False)
-    before_maps = {i: predict_label_map(initial, val_set[i][0], settings, device=dev).cpu().numpy() for i in shown}
+    before = evaluate(initial, val_set, num_workers=0, progress=False)
+    before_maps = {i: initial(val_set[i][0]).numpy() for i in shown}
     del initial
     say(f"      mIoU before fine-tuning: {before['mIoU']:.1f}  (val, {len(val_set)} images)")
 
     t_train = time.perf_counter()
-    result = finetune(name, str(data), str(run_dir), **train_kwargs)
+    result = finetune(name, str(data), **options)
     train_seconds = time.perf_counter() - t_train
     after = result["metrics"]
     say(f"      mIoU after {plan.iters} iterations: {after['mIoU']:.1f}  (training took {train_seconds:.0f} s)\n")
@@ -421,15 +408,15 @@ def run_demo(out: str | os.PathLike = DEFAULT_OUT, *, model: str = DEFAULT_MODEL
     records = [{"mode": "val", "iter": 0, "mIoU": before["mIoU"]}] + read_log(result["log"])
     plot_curves(records, curves, title=f"isa demo: {name} on synthetic scenes ({dev})")
 
-    trained = create_model(name, weights=result["weights"], num_classes=len(classes)).to(dev).eval()
+    trained = Segmenter(weights=result["weights"], device=dev, dtype="float32")  # the file says what it is
     rows = []
     for i in shown:
         image, mask, _ = val_set[i]
         rows.append({"image": image.permute(1, 2, 0).numpy(), "mask": mask.numpy(), "before": before_maps[i],
-                     "after": predict_label_map(trained, image, settings, device=dev).cpu().numpy()})
+                     "after": trained(image).numpy()})
     comparison = comparison_png(rows, classes, palette, out / "comparison.png")
     overlay_records = predict_files(trained, [val_set.samples[i].image_path for i in shown], out / "overlays",
-                                    classes=classes, palette=palette, settings=settings, device=dev, progress=False)
+                                    progress=False)
     del trained
     say("\n      outputs:")
     say(f"        training curves   {curves}  (loss and val mIoU; iteration 0 = before)")
@@ -506,12 +493,12 @@ def _main(args: argparse.Namespace) -> int:
     return 1 if check.get("ok") is False else 0
 
 
-def add_demo_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """Add `isa demo` to an argparse subparsers object.
 
     Example:
         >>> parser = argparse.ArgumentParser(prog="isa"); sub = parser.add_subparsers()
-        >>> _ = add_demo_parser(sub)
+        >>> _ = add_parser(sub)
         >>> parser.parse_args(["demo", "--quick"]).quick
         True
     """
@@ -521,8 +508,8 @@ def add_demo_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argume
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="variant name, pattern or fragment (default r50-d8: a cached R-50-D8 variant if any)")
     parser.add_argument("--iters", type=int, default=None, help=f"fine-tuning iterations (default {FULL.iters})")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda [auto]")
+    parser.add_argument("--out-dir", "--out", dest="out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
     parser.add_argument("--seed", type=int, default=0, help="dataset and training seed (default 0)")
     parser.add_argument("--quick", action="store_true", help="toy sizes: every step once in well under a minute")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

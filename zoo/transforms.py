@@ -14,7 +14,7 @@ Spec §3.1. ``rescale_size`` is mmcv's ``rescale_size`` rule exactly (Python flo
   (not the half-pixel ``nearest-exact``).
 
 >>> import torch
->>> from eval.transforms import rescale_size, TestTransform
+>>> from zoo.transforms import rescale_size, TestTransform
 >>> rescale_size((1024, 2048), (2049, 1025))          # Cityscapes 769 configs, spec §3.1
 (1025, 2049)
 >>> rescale_size((375, 500), (2048, 512))             # VOC 500×375 → 683×512
@@ -31,9 +31,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-# Spec §3.1 (RGB order, on 0..255 values); identical for all 16 variants.
-IMAGENET_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
-IMAGENET_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
+from .utils import IMAGENET_MEAN, IMAGENET_STD
 
 
 def rescale_size(size_hw: Sequence[int], scale: float | Sequence[int]) -> tuple[int, int]:

@@ -1,0 +1,168 @@
+"""Data checks for a folder dataset: the classic mistakes, found before a training run wastes hours.
+
+`check_dataset(root)` reads every image header and every mask of each split and reports, per split, a
+table of pixel counts per class, then errors and warnings, each naming the file and the value:
+
+- errors: images without masks and masks without images, image/mask size mismatches, mask values
+  outside the classes (with pixel counts), masks that hold only 0 and 255 (binary masks saved as
+  0/255: 255 is the ignore label, so the foreground would never be learnt), unreadable files;
+- warnings: classes with no pixel in the train split, splits where most pixels are ignored.
+
+`isa check-data DIR` prints the report; `isa train` runs it first on a folder dataset and stops on errors.
+
+>>> report = check_dataset("my_data")          # doctest: +SKIP
+>>> print(report.format()); report.ok          # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from eval.datasets import FOLDER_IMAGE_SUFFIXES, DatasetError, folder_meta, list_files, read_mask
+from zoo.classes import DatasetMeta
+
+MOSTLY_IGNORED = 0.5  # a split whose share of ignored pixels exceeds this gets a warning
+_SHOWN = 5  # files named per problem before "... and N more"
+
+
+@dataclass
+class SplitReport:
+    """What one split holds: file counts and per-value pixel counts (after label_map)."""
+
+    name: str
+    images: int = 0
+    masks: int = 0
+    pixels: dict[int, int] = field(default_factory=dict)  # value -> pixel count
+
+    def total(self) -> int:
+        return sum(self.pixels.values())
+
+
+@dataclass
+class DataReport:
+    """The result of `check_dataset`: per-split tables, errors and warnings."""
+
+    root: Path
+    meta: DatasetMeta
+    splits: list[SplitReport] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when there is no error (warnings allowed)."""
+        return not self.errors
+
+    def format(self) -> str:
+        """The table (pixels per class and split, in percent) followed by the errors and warnings."""
+        names = list(self.meta.classes) + [f"ignored ({self.meta.ignore_index})"]
+        width = max(len(n) for n in names + ["class"])
+        head = f"{'class':<{width}} " + " ".join(f"{s.name:>12}" for s in self.splits)
+        lines = [f"dataset {self.root}: {self.meta.num_classes} classes", head,
+                 f"{'images':<{width}} " + " ".join(f"{s.images:>12}" for s in self.splits),
+                 f"{'masks':<{width}} " + " ".join(f"{s.masks:>12}" for s in self.splits)]
+        for index, name in enumerate(names):
+            value = index if index < self.meta.num_classes else self.meta.ignore_index
+            cells = []
+            for s in self.splits:
+                count = s.pixels.get(value, 0)
+                cells.append(f"{100.0 * count / s.total():11.2f}%" if s.total() else f"{'-':>12}")
+            lines.append(f"{name:<{width}} " + " ".join(cells))
+        lines += [f"error: {e}" for e in self.errors] + [f"warning: {w}" for w in self.warnings]
+        if self.ok:
+            lines.append("no errors" + (f", {len(self.warnings)} warning(s)" if self.warnings else ""))
+        return "\n".join(lines)
+
+
+def _files(names: Sequence[str], folder: Path) -> str:
+    shown = ", ".join(str(folder / n) for n in names[:_SHOWN])
+    return shown + (f" ... and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+
+
+def check_dataset(root: str | Path, splits: Sequence[str] = ("train", "val"),
+                  num_classes: int | None = None) -> DataReport:
+    """Check a folder dataset (ROOT/images/<split>, ROOT/masks/<split>, ROOT/dataset.json); never raises
+    for bad data — every problem is in the report (a missing ROOT or unreadable dataset.json raises)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root} does not exist or is not a folder (expected ROOT/images/<split>/, "
+                           "ROOT/masks/<split>/ and ROOT/dataset.json)")
+    meta, palette_given = folder_meta(root, num_classes)
+    report = DataReport(root, meta)
+    palette = meta.palette if palette_given else None  # colour masks map through a palette the user wrote
+    lut = {stored: index for stored, index in meta.label_map}
+    for split in splits:
+        image_dir, mask_dir = root / "images" / split, root / "masks" / split
+        if not image_dir.is_dir():
+            if split == "train":
+                report.errors.append(f"{image_dir} does not exist: training needs ROOT/images/train/")
+            continue
+        part = SplitReport(split)
+        report.splits.append(part)
+        images = {name.rsplit(".", 1)[0]: name for name in list_files(image_dir, FOLDER_IMAGE_SUFFIXES)}
+        masks = {name[:-4]: name for name in list_files(mask_dir, ".png")} if mask_dir.is_dir() else {}
+        part.images, part.masks = len(images), len(masks)
+        lonely_images = sorted(images[s] for s in images.keys() - masks.keys())
+        lonely_masks = sorted(masks[s] for s in masks.keys() - images.keys())
+        if lonely_images:
+            report.errors.append(f"{split}: {len(lonely_images)} image(s) without a mask in {mask_dir} "
+                                 f"(masks/<split>/NAME.png): {_files(lonely_images, image_dir)}")
+        if lonely_masks:
+            report.warnings.append(f"{split}: {len(lonely_masks)} mask(s) without an image: "
+                                   f"{_files(lonely_masks, mask_dir)}")
+        outside: dict[int, list[str]] = {}
+        binary: list[str] = []
+        for stem in sorted(images.keys() & masks.keys()):
+            image_path, mask_path = image_dir / images[stem], mask_dir / masks[stem]
+            try:
+                with Image.open(image_path) as pil:
+                    width, height = pil.size
+                    pil.verify()
+            except Exception as exc:
+                report.errors.append(f"cannot read image {image_path}: {exc}")
+                continue
+            try:
+                mask = np.asarray(read_mask(mask_path, palette))
+            except (DatasetError, OSError, ValueError) as exc:
+                report.errors.append(str(exc))
+                continue
+            if mask.shape != (height, width):
+                report.errors.append(f"image {image_path} is {height}x{width} (h x w) but its mask {mask_path} is "
+                                     f"{mask.shape[0]}x{mask.shape[1]}")
+                continue
+            values, counts = np.unique(mask, return_counts=True)
+            if lut:
+                values = np.array([lut.get(int(v), int(v)) for v in values])
+            present = set()
+            for value, count in zip(values.tolist(), counts.tolist()):
+                part.pixels[value] = part.pixels.get(value, 0) + count
+                present.add(value)
+                if value != meta.ignore_index and not 0 <= value < meta.num_classes:
+                    outside.setdefault(value, []).append(masks[stem])
+            if meta.ignore_index == 255 and present == {0, 255} and 255 not in lut:
+                binary.append(masks[stem])
+        if binary and not any(part.pixels.get(c) for c in range(1, meta.num_classes)):
+            report.errors.append(
+                f"{split}: {len(binary)} mask(s) hold only the values 0 and 255 ({_files(binary, mask_dir)}): 255 is "
+                "the ignore label, so everything but the background would be ignored (binary masks saved as 0/255). "
+                "Relabel 255 -> 1, or add \"label_map\": {\"255\": 1} to dataset.json")
+        for value, files in sorted(outside.items()):
+            report.errors.append(
+                f"{split}: value {value} ({part.pixels[value]} pixels) in {len(files)} mask(s) is not a class "
+                f"(0..{meta.num_classes - 1}) nor ignore_index {meta.ignore_index}: {_files(files, mask_dir)}; "
+                "fix \"classes\" / \"ignore_index\" in dataset.json, relabel, or map it with \"label_map\"")
+        total = part.total()
+        ignored = part.pixels.get(meta.ignore_index, 0)
+        if total and ignored / total > MOSTLY_IGNORED:
+            report.warnings.append(f"{split}: {100.0 * ignored / total:.1f}% of the pixels are ignored "
+                                   f"(value {meta.ignore_index})")
+        if split == "train" and total:
+            empty = [meta.classes[c] for c in range(meta.num_classes) if not part.pixels.get(c)]
+            if empty:
+                report.warnings.append(f"train: no pixel of class(es) {', '.join(repr(c) for c in empty)}: the "
+                                       "model cannot learn them")
+    return report

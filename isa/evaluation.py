@@ -1,0 +1,182 @@
+"""`isa eval`, `isa predict` and `isa check-data`.
+
+    isa eval --model isanet_r50-d8_512x1024_40k_cityscapes --weights auto --data-root data/cityscapes
+    isa eval --weights runs/mine/model.safetensors --data my_data      # a fine-tuned model, by its file
+    isa predict --weights runs/mine/model.safetensors photos/ --out-dir seg/
+    isa check-data my_data
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Optional
+
+from isa import UsageError
+from zoo.utils import DTYPE_CHOICES
+
+
+def add_model_args(parser: argparse.ArgumentParser, dtype_default: str = "auto") -> None:
+    """--model / --weights / --device / --dtype / --backend / --tta / --test-scale, shared by eval and predict."""
+    parser.add_argument("--model", help="variant name (`isa list`); optional when --weights is a file this "
+                                        "project wrote (it names its variant)")
+    parser.add_argument("--weights", help="a .safetensors/.pth file, 'auto' (the published checkpoint, "
+                                          "downloaded on first use; the default with --model) or 'none' "
+                                          "(random init, for smoke tests)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... [auto: cuda when available]")
+    parser.add_argument("--dtype", default=dtype_default, choices=("auto",) + DTYPE_CHOICES,
+                        help=f"autocast dtype of the network; resizes and softmax stay float32 [{dtype_default}"
+                             + (": bf16 on GPUs with native bf16, else float32" if dtype_default == "auto" else "")
+                             + "]")
+    parser.add_argument("--tta", "--aug-test", dest="tta", action="store_true",
+                        help="multi-scale (0.5-1.75 x the test scale) + flip, softmax averaged (the ms+flip column)")
+    parser.add_argument("--test-scale", "--img-scale", dest="test_scale", type=int, nargs=2, metavar=("W", "H"),
+                        help="replace the test scale of the weights (quick checks; published numbers need theirs)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "triton", "eager", "sdpa"),
+                        help="attention backend [auto]")
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Register `isa eval`, `isa predict` and `isa check-data`."""
+    from eval.datasets import DATASET_NAMES
+    from zoo.images import MAX_PIXELS
+
+    p = subparsers.add_parser(
+        "eval", help="mIoU of a model on a dataset split (MMSegmentation's metric)",
+        description="Evaluate a model exactly as MMSegmentation 0.x tools/test.py does, at the test scale its "
+                    "weights carry (the published variant's, or the one a fine-tuning run validated with).")
+    add_model_args(p, dtype_default="float32")
+    p.add_argument("--data", metavar="DIR", help="a folder dataset (DIR/images/<split>, DIR/masks/<split>, "
+                                                 "DIR/dataset.json) [the one a fine-tuning run recorded]")
+    p.add_argument("--data-root", metavar="DIR", help="a benchmark dataset in MMSegmentation's layout [the variant's "
+                                                      "data_root, e.g. data/cityscapes/]")
+    p.add_argument("--dataset", choices=DATASET_NAMES, help="layout of --data-root [the variant's dataset]")
+    p.add_argument("--split", default="val", help="split name [val]; VOC takes split-file names joined by '+'")
+    p.add_argument("--out", type=Path, metavar="FILE", help="write the results as JSON here")
+    p.add_argument("--out-dir", "--save-preds", dest="out_dir", type=Path, metavar="DIR",
+                   help="write each prediction as a palette PNG here")
+    p.add_argument("--max-images", type=int, metavar="N", help="evaluate only the first N images")
+    p.add_argument("--workers", "--num-workers", dest="workers", type=int, default=2,
+                   help="DataLoader workers decoding images [2]")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_eval)
+
+    p = subparsers.add_parser(
+        "predict", help="segment images: colour masks and overlays with a legend",
+        description="Write <name>_mask.png (palette PNG of class indices) and <name>_overlay.png (image + "
+                    "colours + legend) per image, with the class names and colours the weights carry.")
+    add_model_args(p)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    p.add_argument("--out-dir", "--out", dest="out_dir", type=Path, required=True, metavar="DIR",
+                   help="output folder")
+    p.add_argument("--classes", type=Path, metavar="DATASET_JSON",
+                   help="replace the class names/palette (a folder dataset's dataset.json)")
+    p.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay [0.5]")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                   help=f"refuse larger images (decompression-bomb guard) [{MAX_PIXELS}; 0: no limit]")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_predict)
+
+
+def segmenter_from_args(args: argparse.Namespace, **kwargs: Any):
+    """The `zoo.Segmenter` that --model / --weights / --device / --dtype / --test-scale describe."""
+    from zoo import Segmenter
+
+    weights = args.weights
+    if args.model is None and weights in (None, "auto", "none"):
+        raise UsageError("name the model: --model NAME (with --weights auto|FILE|none), or --weights FILE "
+                         "written by this project (it names its variant)")
+    if weights is None:
+        weights = "auto"
+    return Segmenter(args.model, weights=None if weights == "none" else weights, device=args.device,
+                     dtype=args.dtype, backend=args.backend, scale_wh=args.test_scale, **kwargs)
+
+
+def _random_init(args: argparse.Namespace) -> bool:
+    return str(args.weights).lower() == "none"
+
+
+def _dataset(args: argparse.Namespace, meta: Any):
+    """The dataset --data / --data-root / --dataset name, checked against the model's classes (`meta`)."""
+    from eval.datasets import build_dataset
+    from zoo.classes import dataset_meta
+
+    config = meta.config
+    if args.data and (args.data_root or args.dataset not in (None, "folder")):
+        raise UsageError("--data is a folder dataset; for a benchmark layout use --data-root DIR [--dataset NAME]")
+    if args.data or args.dataset == "folder":
+        name, root = "folder", args.data or args.data_root
+    elif args.data_root or args.dataset:
+        name, root = args.dataset or config.dataset, args.data_root or config.data_root
+    elif meta.extra.get("data"):  # a fine-tuning run recorded its dataset
+        name, root = "folder", meta.extra["data"]
+        print(f"dataset: {root} (recorded in the weights by the run that wrote them; --data DIR for another)")
+    elif meta.classes == dataset_meta(config.dataset).classes:
+        name, root = config.dataset, config.data_root
+    else:
+        raise UsageError(f"these weights have {meta.num_classes} classes of their own: pass the dataset with --data DIR")
+    if root is None:
+        raise UsageError("--dataset folder needs --data DIR")
+    dataset = build_dataset(name, root, args.split, num_classes=meta.num_classes)
+    if dataset.num_classes != meta.num_classes and not _random_init(args):
+        raise ValueError(f"the model predicts {meta.num_classes} classes ({meta.variant}) but {dataset!r} has "
+                         f"{dataset.num_classes}; evaluate weights trained for this dataset")
+    return name, root, dataset
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`isa eval`: build the model and dataset, evaluate, print the table, write JSON / PNGs."""
+    from eval.evaluate import evaluate
+    from eval.report import format_table, write_json_atomic
+
+    if _random_init(args):  # a smoke test: a random model with the dataset's classes
+        from zoo import ModelMeta, get_config
+
+        if args.model is None:
+            raise UsageError("--weights none needs --model NAME")
+        name, root, dataset = _dataset(args, ModelMeta.for_variant(get_config(args.model)))
+        segmenter = segmenter_from_args(args, num_classes=dataset.num_classes)
+    else:
+        segmenter = segmenter_from_args(args)
+        name, root, dataset = _dataset(args, segmenter.meta)
+    config, settings = segmenter.meta.config, segmenter.settings
+    print(f"evaluating {segmenter.meta.variant} on {dataset!r}: {settings.mode}, scale {settings.scale_wh}, "
+          f"{'ms+flip' if args.tta else 'single scale'}, {str(segmenter.dtype).replace('torch.', '')}, "
+          f"{segmenter.device}")
+    result = evaluate(segmenter, dataset, tta=args.tta, max_images=args.max_images, num_workers=args.workers,
+                      save_preds=args.out_dir, progress=not args.no_progress)
+    print(format_table(result, dataset.classes))
+    published: Optional[float] = config.mIoU_ms_flip if args.tta else config.mIoU
+    full_run = (name == config.dataset and args.split == "val" and args.max_images is None
+                and tuple(settings.scale_wh) == tuple(config.test_img_scale_wh))
+    if full_run:
+        print(f"published ({'ms+flip' if args.tta else 'single scale'}): mIoU {published:.2f}")
+    if args.out is not None:
+        write_json_atomic(args.out, {
+            "model": segmenter.meta.variant, "weights": str(args.weights), "dataset": name, "data_root": str(root),
+            "split": args.split, "device": str(segmenter.device), **result,
+            "published_mIoU": published if full_run else None,
+        })
+        print(f"wrote {args.out}")
+    if args.out_dir is not None:
+        print(f"wrote {result['num_images']} predictions to {args.out_dir}/")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """`isa predict`: segment the inputs and write masks and overlays."""
+    from eval.datasets import parse_dataset_json
+    from eval.predict import predict_files
+
+    names = parse_dataset_json(args.classes) if args.classes is not None else None
+    extra = {"num_classes": names.num_classes} if names is not None and _random_init(args) else {}
+    segmenter = segmenter_from_args(args, max_pixels=args.max_pixels, **extra)
+    classes = palette = None
+    if names is not None:
+        if names.num_classes != segmenter.num_classes:
+            raise ValueError(f"{args.classes} lists {names.num_classes} classes, the model predicts "
+                             f"{segmenter.num_classes}")
+        classes, palette = names.classes, names.palette
+    records = predict_files(segmenter, args.inputs, args.out_dir, tta=args.tta, alpha=args.alpha, classes=classes,
+                            palette=palette, progress=not args.no_progress)
+    print(f"wrote {2 * len(records)} files (<name>_mask.png, <name>_overlay.png) to {args.out_dir}/")
+    return 0

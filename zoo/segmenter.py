@@ -1,0 +1,119 @@
+"""`Segmenter`: photos in, label maps out, with MMSegmentation's test pipeline — the one inference path.
+
+`ISANet.forward` maps a *normalised batch* to logits at its size. A `Segmenter` takes what users have
+(paths, PIL images, H×W×3 uint8 arrays or tensors, or lists of them) and runs the whole test pipeline
+of the weights: keep-ratio resize to the test scale, normalisation, whole image or sliding windows,
+back to each image's original size (optionally 0.x's multi-scale + flip), on the fast inference copy
+of the model (BatchNorm folded, channels_last, `torch.inference_mode`, bf16 autocast on GPUs that
+have it). Memory is bounded by the network's working size, not by the photo (`zoo.inference`).
+
+Example:
+    >>> seg = Segmenter("isanet_r50-d8_512x1024_40k_cityscapes", weights="auto")   # doctest: +SKIP
+    >>> labels = seg("street.jpg")                    # (H, W) class indices at the photo's size
+    >>> seg.overlay("street.jpg", labels).save("street_overlay.png")              # with a legend
+    >>> tuned = Segmenter(weights="runs/mine/model.safetensors")   # a fine-tuned model, by its file
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any, List, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+from .factory import create_model
+from .fuse import optimize_for_inference
+from .images import MAX_PIXELS, to_rgb_tensor
+from .inference import class_maps, view_logits
+from .metadata import ModelMeta
+from .model import ISANet
+from .utils import parse_dtype, resolve_device
+from .visualize import overlay_with_legend
+
+ImageLike = Union[str, "os.PathLike[str]", Image.Image, Any]
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a CUDA GPU that computes it natively, float32 elsewhere (exact on the CPU)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+class Segmenter:
+    """Segment images with a zoo model; see the module docstring.
+
+    Args:
+        model: a variant name, an `ISANet`, or None when `weights` is a self-describing file.
+        weights: None (random init), "auto" (published), or a .safetensors/.pth file.
+        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+        dtype: "auto" (bf16 on GPUs with native bf16, else float32), or "float32", "bfloat16", "float16".
+        scale_wh: replace the test scale (W, H) of the weights' test pipeline.
+        batch_size: how many same-size images run through the network together.
+        max_pixels: refuse larger images (Pillow's decompression-bomb limit by default; 0: none).
+        num_classes: another class count than the weights' (their classifiers are then re-initialised).
+    """
+
+    def __init__(self, model: Union[str, ISANet, None] = None, weights: Union[None, str, "os.PathLike[str]"] = None,
+                 *, device: Union[str, torch.device] = "auto", dtype: Union[str, torch.dtype] = "auto",
+                 backend: str = "auto", scale_wh: Optional[Sequence[int]] = None, batch_size: int = 4,
+                 max_pixels: Optional[int] = MAX_PIXELS, num_classes: Optional[int] = None) -> None:
+        if isinstance(model, ISANet):
+            net = model
+            if weights is not None:
+                raise ValueError("pass either a model or weights to load, not both")
+        else:
+            net = create_model(model, weights=weights, num_classes=num_classes, backend=backend)
+        self.device = resolve_device(device)
+        self.dtype = default_dtype(self.device) if dtype == "auto" else parse_dtype(dtype)
+        self.meta: ModelMeta = net.meta
+        self.settings = net.test_settings
+        if scale_wh is not None:
+            self.settings = replace(self.settings, scale_wh=(int(scale_wh[0]), int(scale_wh[1])))
+        self.batch_size = max(1, int(batch_size))
+        self.max_pixels = max_pixels
+        self.model = optimize_for_inference(net.eval().to(self.device))
+
+    classes = property(lambda self: self.meta.classes, doc="Class names, in label order.")
+    palette = property(lambda self: self.meta.palette, doc="One (r, g, b) colour per class.")
+    num_classes = property(lambda self: self.meta.num_classes)
+
+    def __repr__(self) -> str:
+        return (f"Segmenter({self.meta.variant!r}, {self.num_classes} classes, {self.settings.mode} "
+                f"{self.settings.scale_wh}, {self.device}, {str(self.dtype).replace('torch.', '')})")
+
+    @torch.inference_mode()
+    def __call__(self, images: Union[ImageLike, Sequence[ImageLike]], *, probs: bool = False,
+                 tta: bool = False) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """Label maps (H, W) at each image's original size (uint8 for up to 256 classes, else int64), on
+        the CPU; with `probs`, class probabilities (K, H, W) float32. A list in gives a list out; images
+        of the same size run as one batch. `tta`: 0.x's multi-scale (0.5-1.75) + flip, averaged."""
+        single = not isinstance(images, (list, tuple))
+        tensors = [self.load(image) for image in ([images] if single else images)]
+        results: List[Optional[torch.Tensor]] = [None] * len(tensors)
+        for indices in self._batches(tensors):
+            batch = torch.stack([tensors[i] for i in indices]).to(self.device)
+            views = view_logits(self.model, batch, self.settings, tta=tta, dtype=self.dtype)
+            maps = class_maps(views, batch.shape[-2:], self.settings.align_corners, probs=probs).cpu()
+            for j, i in enumerate(indices):
+                results[i] = maps[j]
+        return results[0] if single else results  # type: ignore[return-value]
+
+    def load(self, image: ImageLike) -> torch.Tensor:
+        """One input as the uint8 RGB (3, H, W) tensor the pipeline reads (paths are EXIF-rotated)."""
+        return to_rgb_tensor(image, self.max_pixels)
+
+    def _batches(self, tensors: Sequence[torch.Tensor]) -> List[List[int]]:
+        groups: dict = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault(tuple(t.shape), []).append(i)
+        return [ids[k:k + self.batch_size] for ids in groups.values() for k in range(0, len(ids), self.batch_size)]
+
+    def overlay(self, image: ImageLike, labels: Optional[torch.Tensor] = None, alpha: float = 0.5) -> Image.Image:
+        """The image blended with its label colours and a legend of the classes present (names from the
+        weights' metadata); `labels` defaults to `self(image)`."""
+        rgb = self.load(image)
+        if labels is None:
+            labels = self(rgb)
+        return overlay_with_legend(rgb, labels, self.classes, self.palette, alpha)

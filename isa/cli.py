@@ -40,7 +40,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from zoo.weights import convert_checkpoint, read_metadata
+    from zoo.reader import read_metadata
+    from zoo.weights import convert_checkpoint
 
     dst = convert_checkpoint(args.src, args.dst, args.model, num_classes=args.num_classes)
     meta = read_metadata(dst)

@@ -282,7 +282,7 @@ def served_backbone(server, backbone_bytes, monkeypatch):
 
 
 def test_backbone_weights_are_fetched_once_checked_and_load_into_the_model(served_backbone, server, tmp_path):
-    from train.engine import load_backbone_weights
+    from train.builders import load_backbone_weights
 
     cache = tmp_path / "cache"
     path = hub.backbone_weights(NAME, cache_dir=cache, progress=False)
@@ -319,7 +319,7 @@ def test_cli_download_with_backbone(served, served_backbone, tmp_path, capsys):
 def test_training_build_fetches_the_backbone_once_and_resumed_runs_read_nothing(served_backbone, server, tmp_path,
                                                                                 monkeypatch):
     from train import TrainConfig
-    from train.engine import build_model
+    from train.builders import build_model
 
     monkeypatch.setenv("ISA_HOME", str(tmp_path / "home"))
     cfg = TrainConfig(model=NAME, data_root="unused", backbone_weights="auto", progress=False)

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+import train.builders as builders
 import train.engine as engine
 from train import TrainConfig, TrainingDiverged, finetune
 from train.synthetic import make_synthetic_dataset
@@ -89,7 +90,7 @@ def test_only_the_classifiers_are_reinitialised_when_the_class_count_differs(tmp
     path = tmp_path / "voc.safetensors"
     save_weights(source.state_dict(), path, source.meta)
     cfg = TrainConfig.for_finetune(MODEL, str(data), weights=str(path), device="cpu")
-    model = engine.build_model(cfg, num_classes=3)
+    model = builders.build_model(cfg, num_classes=3)
     src, got = source.state_dict(), model.state_dict()
     for key, value in got.items():
         if "conv_seg" in key:
@@ -107,13 +108,13 @@ def test_imagenet_backbone_weights_load_from_mmcv_keys_and_bad_files_name_the_fi
     torch.save({"state_dict": {**donor, "fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)}}, pth)
     torch.manual_seed(2)
     model = create_model(MODEL)
-    ignored = engine.load_backbone_weights(model, str(pth))
+    ignored = builders.load_backbone_weights(model, str(pth))
     assert ignored == ["fc.bias", "fc.weight"]
     assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in donor.items())
     broken = tmp_path / "broken.pth"
     torch.save({k: v for k, v in donor.items() if not k.startswith("layer4")}, broken)
     with pytest.raises(ValueError, match="resnet50_v1c"):
-        engine.load_backbone_weights(model, str(broken))
+        builders.load_backbone_weights(model, str(broken))
 
 
 def test_config_validation_names_the_field():

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from zoo.model import ISANet
 from zoo.registry import get_config
-from zoo.weights import (CLASSIFIER_KEYS, CheckpointError, UnsafeCheckpointError,
-                         convert_checkpoint, load_weights, read_state_dict)
+from zoo.reader import CheckpointError, UnsafeCheckpointError, read_state_dict
+from zoo.weights import CLASSIFIER_KEYS, convert_checkpoint, load_weights
 
 CITYSCAPES = "isanet_r50-d8_512x1024_40k_cityscapes"
 ADE = "isanet_r50-d8_512x512_80k_ade20k"

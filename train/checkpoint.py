@@ -21,9 +21,11 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+
+from zoo.utils import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -39,40 +41,6 @@ def checkpoint_dir(work_dir: PathLike) -> Path:
 
 def checkpoint_path(work_dir: PathLike, iteration: int) -> Path:
     return checkpoint_dir(work_dir) / f"iter_{iteration}.pt"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: PathLike, write: Callable[[Any], None],
-                 before_rename: Optional[Callable[[], None]] = None) -> Path:
-    """Call `write(file_object)` on a temporary file beside `path`, fsync, then rename onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
 
 
 def fault_point(stage: str, iteration: int) -> None:

@@ -30,7 +30,6 @@ import resource
 import signal
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -39,8 +38,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from zoo.utils import write_bytes_atomic
+
 from . import checkpoint as ckpt
 from . import distributed as D
+from .builders import build_datasets, build_model, check_folder_data, check_resume_config, fetch_on_main_first
 from .config import TrainConfig
 from .data import IterationBatchSampler, TrainSet, build_loader
 from .loss import isanet_loss
@@ -66,91 +68,6 @@ class TrainingInterrupted(RuntimeError):
         self.exit_code = 128 + signum
         where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint"
         super().__init__(f"stopped by {signal.Signals(signum).name} after iteration {iteration}; {where}")
-
-
-# --------------------------------------------------------------------------------------------------
-# building blocks
-
-
-def build_datasets(cfg: TrainConfig) -> Tuple[Any, Optional[Any]]:
-    """The train reader and the val reader (None when the split does not exist for a folder dataset)."""
-    from eval.datasets import DatasetError, build_dataset
-
-    kwargs: Dict[str, Any] = {}
-    if cfg.dataset == "folder" and cfg.num_classes is not None:
-        kwargs["num_classes"] = cfg.num_classes
-    train_set = build_dataset(cfg.dataset, cfg.data_root, cfg.train_split, **kwargs)
-    val_set = None
-    if cfg.val_split:
-        try:
-            val_set = build_dataset(cfg.dataset, cfg.data_root, cfg.val_split, **kwargs)
-        except DatasetError as exc:
-            if cfg.dataset != "folder":
-                raise
-            log.warning("no validation split (%s): training without periodic evaluation", exc)
-    return train_set, val_set
-
-
-def check_folder_data(cfg: TrainConfig) -> None:
-    """The data checks of `isa check-data` on a folder dataset: print the table, raise on errors."""
-    from eval.checks import check_dataset
-    from eval.datasets import DatasetError
-
-    splits = [cfg.train_split] + ([cfg.val_split] if cfg.val_split else [])
-    report = check_dataset(cfg.data_root, splits, cfg.num_classes)
-    if not report.ok:
-        raise DatasetError(f"the data checks found problems (--no-check-data skips them):\n{report.format()}")
-    log.info("data checks:\n%s", report.format())
-
-
-def load_backbone_weights(model: nn.Module, path: str) -> List[str]:
-    """Load ImageNet ResNetV1c weights (mmcv's `resnet50_v1c` keys: no `backbone.` prefix) into the backbone.
-
-    Read with the zoo's safe reader; the ImageNet classifier (`fc.*`) is ignored; every backbone
-    tensor must be present with the right shape. Returns the ignored keys.
-    """
-    from zoo.weights import read_state_dict
-
-    state = read_state_dict(path)
-    if any(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    target = model.backbone.state_dict()
-    ignored = sorted(k for k in state if k not in target)
-    missing = sorted(k for k in target if k not in state and not k.endswith("num_batches_tracked"))
-    bad = sorted(k for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape))
-    if missing or bad:
-        detail = (f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "") + \
-                 (f" {len(bad)} with wrong shapes (e.g. {bad[0]}: file {tuple(state[bad[0]].shape)} vs "
-                  f"model {tuple(target[bad[0]].shape)})" if bad else "")
-        depth = getattr(model.backbone, "depth", "?")
-        raise ValueError(f"{path} does not fit the ResNet-{depth}V1c backbone: {detail.strip()}; pass "
-                         f"mmcv's resnet{depth}_v1c ImageNet weights (open-mmlab://resnet{depth}_v1c)")
-    model.backbone.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
-    if ignored:
-        log.info("backbone weights %s: ignored %d keys not in the backbone (%s ...)", path, len(ignored),
-                 ", ".join(ignored[:4]))
-    return ignored
-
-
-def build_model(cfg: TrainConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
-    """zoo model with the requested init; only the classifiers are re-initialised for a new K.
-
-    `pretrained=False` skips `cfg.weights` and `cfg.backbone_weights` (a resumed run loads its own)."""
-    from zoo import create_model
-    from zoo.hub import backbone_weights
-
-    weights = cfg.weights if pretrained else None
-    backbone = cfg.backbone_weights if pretrained else None
-    model = create_model(cfg.model, weights=weights, num_classes=num_classes, backend=cfg.backend)
-    if backbone == "auto":
-        backbone = str(backbone_weights(cfg.model, progress=cfg.progress))
-    if backbone:
-        load_backbone_weights(model, backbone)
-    if cfg.dropout is not None:
-        for m in model.modules():
-            if isinstance(m, nn.Dropout2d):
-                m.p = float(cfg.dropout)
-    return model
 
 
 @dataclass
@@ -214,7 +131,7 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
     # a resumed run takes every weight from its checkpoint: no initial weights to read or download
     found = ckpt.load_latest_checkpoint(work, map_location="cpu") if cfg.resume else None
     if found is None and ctx.distributed and "auto" in (cfg.weights, cfg.backbone_weights):
-        _fetch_on_main_first(cfg, ctx)
+        fetch_on_main_first(cfg, ctx)
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg, num_classes, pretrained=found is None).to(device)
     if ctx.distributed:
@@ -229,7 +146,7 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
     rng_restore = None
     if found is not None:
         state, path = found
-        _check_resume_config(state.get("config", {}), cfg, ctx)
+        check_resume_config(state.get("config", {}), cfg, ctx)
         inner.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -286,7 +203,6 @@ def _workers(cfg: TrainConfig, ctx: D.DistContext) -> int:
 def _write_config(run: Run, per_gpu_batch: int) -> None:
     """config.json: the run's fully resolved configuration, beside its outputs."""
     from zoo.metadata import project_version
-    from zoo.utils import write_bytes_atomic
 
     cfg = run.cfg
     resolved = {**cfg.to_dict(), "eval_every": cfg.eval_every, "checkpoint_every": cfg.checkpoint_every,
@@ -297,38 +213,6 @@ def _write_config(run: Run, per_gpu_batch: int) -> None:
                 "workers": _workers(cfg, run.ctx), "device": str(run.ctx.device), "torch": torch.__version__,
                 "isa_triton": project_version()}
     write_bytes_atomic(run.work / "config.json", (json.dumps(resolved, indent=1) + "\n").encode())
-
-
-def _fetch_on_main_first(cfg: TrainConfig, ctx: D.DistContext) -> None:
-    """Download 'auto' weights on rank 0 only, so that the other ranks find them in the cache."""
-    from zoo.hub import backbone_weights, resolve_weights
-
-    if ctx.is_main:
-        if cfg.weights == "auto":
-            resolve_weights(cfg.model, "auto", progress=cfg.progress)
-        if cfg.backbone_weights == "auto":
-            backbone_weights(cfg.model, progress=cfg.progress)
-    D.barrier(ctx)
-
-
-def _check_resume_config(saved: Dict[str, Any], cfg: TrainConfig, ctx: D.DistContext) -> None:
-    """Refuse a resume that cannot continue the same run; warn where exactness is lost."""
-    if not saved:
-        return
-    for key in ("model", "iters"):
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise ValueError(f"--resume: the checkpoint was written by a run with {key}={saved[key]!r}, this "
-                             f"run has {key}={getattr(cfg, key)!r}; use the same settings or a new --work-dir")
-    now = cfg.to_dict()
-    for key in ("batch_size", "seed", "crop_size", "lr"):
-        if key in saved and saved[key] != now[key] and ctx.is_main:
-            warnings.warn(f"--resume: {key} was {saved[key]!r} and is now {now[key]!r}; the run continues but is "
-                          "no longer identical to an uninterrupted one", RuntimeWarning, stacklevel=3)
-    saved_world = saved.get("_world_size")
-    if saved_world is not None and saved_world != ctx.world_size and ctx.is_main:
-        warnings.warn(f"--resume: the checkpoint was written with {saved_world} processes, this run has "
-                      f"{ctx.world_size}; the data order and RNG streams differ from an uninterrupted run",
-                      RuntimeWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,7 +346,7 @@ def _truncate_log(path: Path, iteration: int) -> None:
     if not path.is_file():
         return
     kept = [json.dumps(r) for r in read_log(path) if int(r.get("iter", 0)) <= iteration]
-    ckpt.atomic_write(path, lambda f: f.write(("\n".join(kept) + ("\n" if kept else "")).encode()))
+    write_bytes_atomic(path, ("\n".join(kept) + ("\n" if kept else "")).encode())
 
 
 def _finite(value: Any) -> Any:

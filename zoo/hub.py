@@ -31,7 +31,8 @@ from typing import Iterator, Optional, Union
 from tqdm import tqdm
 
 from .registry import get_config
-from .weights import _PUBLISH_HASH, convert_checkpoint, sha256_file
+from .reader import PUBLISH_HASH, sha256_file
+from .weights import convert_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def download(name: str, *, cache_dir: Optional[PathLike] = None, progress: bool 
         return dst
     url = url or checkpoint_url(name)
     file_name = _file_name(url)
-    match = _PUBLISH_HASH.search(file_name)
+    match = PUBLISH_HASH.search(file_name)
     expected_prefix = match.group(1) if match else None
     if expected_prefix is None:
         if file_name == _file_name(config.checkpoint_url):
@@ -220,7 +221,7 @@ def backbone_weights(name: str, *, cache_dir: Optional[PathLike] = None, progres
     published = get_config(name).pretrained_url
     url = url or published
     file_name = _file_name(published)
-    match = _PUBLISH_HASH.search(file_name)
+    match = PUBLISH_HASH.search(file_name)
     expected_prefix = match.group(1) if match else None
     cache = get_cache_dir(cache_dir)
     dst = cache / file_name

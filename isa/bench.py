@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
 from zoo.utils import DTYPE_CHOICES, parse_dtype, write_bytes_atomic
+
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _size(text: str) -> tuple:
@@ -42,15 +48,142 @@ def _model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _median_ms(call: Callable[[], Any], reps: int) -> float:
+    call()  # warm-up: allocator, first-call dispatch
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def cpu_attention_times(shape: Sequence[int] = (1, 256, 512, 64, 64), block: Tuple[int, int] = (8, 8),
+                        reps: int = 7, seed: int = 0) -> List[Dict[str, Any]]:
+    """Median forward time (ms) of the eager and SDPA backends per pattern on CPU fp32 tensors.
+
+    Also the largest difference between the two outputs (they compute the same thing).
+
+    Example:
+        >>> rows = cpu_attention_times((1, 16, 16, 16, 16), reps=1)
+        >>> [(r["pattern"], r["max_abs_diff"] < 1e-4) for r in rows]
+        [('long', True), ('short', True)]
+    """
+    from isa_triton import sparse_attention
+
+    n, cqk, cv, h, w = (int(v) for v in shape)
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, cqk, h, w, generator=gen)
+    k = torch.randn(n, cqk, h, w, generator=gen)
+    v = torch.randn(n, cv, h, w, generator=gen)
+    rows = []
+    for pattern in ("long", "short"):
+        row: Dict[str, Any] = {"pattern": pattern, "shape": [n, cqk, cv, h, w], "block": list(block)}
+        outputs = {}
+        for backend in ("eager", "sdpa"):
+            fn = lambda: sparse_attention(q, k, v, pattern, block, backend=backend)  # noqa: E731
+            row[f"{backend}_ms"] = _median_ms(fn, reps)
+            outputs[backend] = fn()
+        row["max_abs_diff"] = float((outputs["eager"] - outputs["sdpa"]).abs().max())
+        rows.append(row)
+    return rows
+
+
+_INTERPRETER_SCRIPT = r"""
+import json, sys, time
+try:
+    import triton  # noqa: F401  (TRITON_INTERPRET=1 is already in the environment)
+except ImportError as exc:
+    print(json.dumps({"skipped": f"triton is not installed ({exc})"})); sys.exit(0)
+import torch
+from isa_triton.checks import errors_vs_fp64
+n, cqk, cv, h, w, bh, bw, seed = (int(x) for x in sys.argv[1:9])
+rows = []
+for pattern in ("long", "short"):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(n, cqk, h, w, generator=gen), torch.randn(n, cqk, h, w, generator=gen)
+    v = torch.randn(n, cv, h, w, generator=gen)
+    start = time.perf_counter()
+    # flash-attention's rule, as tests/test_kernels.py: error <= 2 x eager fp32's error + 1e-6
+    errors = errors_vs_fp64(q, k, v, pattern, (bh, bw), backend="triton", atol=1e-6)
+    rows.append({"pattern": pattern, "seconds": time.perf_counter() - start, "errors": errors})
+print(json.dumps({"rows": rows}))
+"""
+
+
+def triton_interpreter_check(shape: Sequence[int] = (1, 16, 24, 16, 16), block: Tuple[int, int] = (4, 4),
+                             seed: int = 0, timeout_s: float = 240.0) -> Dict[str, Any]:
+    """Run the Triton kernels (forward and backward) in Triton's interpreter on CPU, against fp64.
+
+    A subprocess, because TRITON_INTERPRET=1 must be set before triton is imported. Returns
+    {"rows": [{"pattern", "seconds", "errors": {out|dq|dk|dv: {err, eager_err, bound, ok}}}], "ok"}
+    or {"skipped": reason} / {"error": message}.
+
+    Example:
+        >>> triton_interpreter_check((1, 8, 8, 8, 8), (2, 2))["ok"]          # doctest: +SKIP
+        True
+    """
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("ISA_BACKEND", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(_PROJECT_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    args = [str(int(x)) for x in (*shape, *block, seed)]
+    try:
+        proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, *args], capture_output=True, text=True,
+                              env=env, cwd=_PROJECT_ROOT, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"the interpreter check took more than {timeout_s:.0f} s and was stopped"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit code {proc.returncode}: {tail}"}
+    result = json.loads(lines[-1])
+    if "rows" in result:
+        result["ok"] = all(e["ok"] for row in result["rows"] for e in row["errors"].values())
+    return result
+
+
+def cpu_kernel_report(cpu_shape: Sequence[int] = (1, 256, 512, 64, 64), reps: int = 7,
+                      interp_shape: Sequence[int] = (1, 16, 24, 16, 16), interp_block: Tuple[int, int] = (4, 4),
+                      seed: int = 0, say: Callable[[str], None] = print, indent: str = "") -> Dict[str, Any]:
+    """What a CPU can show of the attention backends: eager and SDPA timed side by side, and the Triton
+    kernels checked against fp64 in Triton's interpreter (a correctness check, not a timing)."""
+    n, cqk, cv, h, w = cpu_shape
+    say(f"{indent}CPU forward, fp32, q/k {n}x{cqk}x{h}x{w}, v {n}x{cv}x{h}x{w}, 8x8 blocks (an ISA head on a "
+        f"{8 * h}x{8 * w} image), median of {reps}:")
+    rows = cpu_attention_times(cpu_shape, (8, 8), reps, seed)
+    say(f"{indent}  pattern   eager ms   sdpa ms   max |eager - sdpa|")
+    for r in rows:
+        say(f"{indent}  {r['pattern']:<7} {r['eager_ms']:9.2f} {r['sdpa_ms']:9.2f}   {r['max_abs_diff']:.1e}")
+    n, cqk, cv, h, w = interp_shape
+    bh, bw = interp_block
+    say(f"{indent}Triton kernels in Triton's interpreter (TRITON_INTERPRET=1, CPU), q/k {n}x{cqk}x{h}x{w}, "
+        f"v {n}x{cv}x{h}x{w}, {bh}x{bw} blocks,")
+    say(f"{indent}forward and backward against an fp64 reference (pass: error <= 2 x eager fp32's error + 1e-6):")
+    check = triton_interpreter_check(interp_shape, interp_block, seed)
+    if "rows" in check:
+        for row in check["rows"]:
+            parts = [f"{k} {e['err']:.1e}{'' if e['ok'] else ' FAIL'}" for k, e in row["errors"].items()]
+            say(f"{indent}  {row['pattern']:<6} max error  {'  '.join(parts)}   ({row['seconds']:.1f} s)")
+        say(f"{indent}  {'all within bounds' if check['ok'] else 'SOME ERRORS ABOVE THE BOUND'}")
+    else:
+        say(f"{indent}  not run: {check.get('skipped') or check.get('error')}")
+    say(f"{indent}Kernel speed needs a GPU: the interpreter checks correctness only, it is not a timing. On a")
+    say(f"{indent}CUDA machine `isa bench kernels` times Triton against eager, SDPA and FlexAttention.")
+    return {"cpu": rows, "interpreter": check}
+
+
 def _kernels(args: argparse.Namespace) -> int:
     from isa_triton import bench
 
     dtype = parse_dtype(args.dtype)
     if not torch.cuda.is_available():
-        print("isa bench kernels: no CUDA GPU here: the Triton kernels' timings need one. What this CPU can run: "
-              "`isa demo` (eager backends timed side by side, and the Triton kernels checked against fp64 in "
-              "Triton's interpreter)")
-        return 1
+        print("isa bench kernels: no CUDA GPU here, so no Triton timings; what this CPU can run instead:")
+        result = cpu_kernel_report()
+        if args.json:
+            _write_json(args.json, result)
+        check = result["interpreter"]
+        return 1 if check.get("ok") is False else 0
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | dtype {args.dtype} | "
           f"Cqk {args.cqk} Cv {args.cv} | do_bench median")
     print(bench.HEADER)

@@ -21,11 +21,9 @@ Example (Python):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -167,101 +165,6 @@ def comparison_png(rows: Sequence[Dict[str, np.ndarray]], classes: Sequence[str]
 
 # --------------------------------------------------------------------------------------------------
 # attention kernels
-
-
-def _median_ms(call: Callable[[], Any], reps: int) -> float:
-    call()  # warm-up: allocator, first-call dispatch
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-@torch.no_grad()
-def cpu_attention_times(shape: Sequence[int] = (1, 256, 512, 64, 64), block: Tuple[int, int] = (8, 8),
-                        reps: int = 7, seed: int = 0) -> List[Dict[str, Any]]:
-    """Median forward time (ms) of the eager and SDPA backends per pattern on CPU fp32 tensors.
-
-    Also the largest difference between the two outputs (they compute the same thing).
-
-    Example:
-        >>> rows = cpu_attention_times((1, 16, 16, 16, 16), reps=1)
-        >>> [(r["pattern"], r["max_abs_diff"] < 1e-4) for r in rows]
-        [('long', True), ('short', True)]
-    """
-    from isa_triton import sparse_attention
-
-    n, cqk, cv, h, w = (int(v) for v in shape)
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, cqk, h, w, generator=gen)
-    k = torch.randn(n, cqk, h, w, generator=gen)
-    v = torch.randn(n, cv, h, w, generator=gen)
-    rows = []
-    for pattern in ("long", "short"):
-        row: Dict[str, Any] = {"pattern": pattern, "shape": [n, cqk, cv, h, w], "block": list(block)}
-        outputs = {}
-        for backend in ("eager", "sdpa"):
-            fn = lambda: sparse_attention(q, k, v, pattern, block, backend=backend)  # noqa: E731
-            row[f"{backend}_ms"] = _median_ms(fn, reps)
-            outputs[backend] = fn()
-        row["max_abs_diff"] = float((outputs["eager"] - outputs["sdpa"]).abs().max())
-        rows.append(row)
-    return rows
-
-
-_INTERPRETER_SCRIPT = r"""
-import json, sys, time
-try:
-    import triton  # noqa: F401  (TRITON_INTERPRET=1 is already in the environment)
-except ImportError as exc:
-    print(json.dumps({"skipped": f"triton is not installed ({exc})"})); sys.exit(0)
-import torch
-from isa_triton.checks import errors_vs_fp64
-n, cqk, cv, h, w, bh, bw, seed = (int(x) for x in sys.argv[1:9])
-rows = []
-for pattern in ("long", "short"):
-    gen = torch.Generator().manual_seed(seed)
-    q, k = torch.randn(n, cqk, h, w, generator=gen), torch.randn(n, cqk, h, w, generator=gen)
-    v = torch.randn(n, cv, h, w, generator=gen)
-    start = time.perf_counter()
-    # flash-attention's rule, as tests/test_kernels.py: error <= 2 x eager fp32's error + 1e-6
-    errors = errors_vs_fp64(q, k, v, pattern, (bh, bw), backend="triton", atol=1e-6)
-    rows.append({"pattern": pattern, "seconds": time.perf_counter() - start, "errors": errors})
-print(json.dumps({"rows": rows}))
-"""
-
-
-def triton_interpreter_check(shape: Sequence[int] = (1, 16, 24, 16, 16), block: Tuple[int, int] = (4, 4),
-                             seed: int = 0, timeout_s: float = 240.0) -> Dict[str, Any]:
-    """Run the Triton kernels (forward and backward) in Triton's interpreter on CPU, against fp64.
-
-    A subprocess, because TRITON_INTERPRET=1 must be set before triton is imported. Returns
-    {"rows": [{"pattern", "seconds", "errors": {out|dq|dk|dv: {err, eager_err, bound, ok}}}], "ok"}
-    or {"skipped": reason} / {"error": message}.
-
-    Example:
-        >>> triton_interpreter_check((1, 8, 8, 8, 8), (2, 2))["ok"]          # doctest: +SKIP
-        True
-    """
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("ISA_BACKEND", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(_PROJECT_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    args = [str(int(x)) for x in (*shape, *block, seed)]
-    try:
-        proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, *args], capture_output=True, text=True,
-                              env=env, cwd=_PROJECT_ROOT, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"error": f"the interpreter check took more than {timeout_s:.0f} s and was stopped"}
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit code {proc.returncode}: {tail}"}
-    result = json.loads(lines[-1])
-    if "rows" in result:
-        result["ok"] = all(e["ok"] for row in result["rows"] for e in row["errors"].values())
-    return result
 
 
 def gpu_kernel_bench(out: Path, budget_s: int = 240) -> Dict[str, Any]:
@@ -453,33 +356,14 @@ def run_demo(out: str | os.PathLike = DEFAULT_OUT, *, model: str = DEFAULT_MODEL
 
 
 def _kernel_section(out: Path, plan: DemoPlan, seed: int, say: Callable[[str], None]) -> Dict[str, Any]:
+    from isa.bench import cpu_kernel_report
+
     if torch.cuda.is_available():
         say(f"      GPU: {torch.cuda.get_device_name()} - running `isa bench kernels` (Triton vs eager vs SDPA "
             "vs FlexAttention):")
         return {"gpu": gpu_kernel_bench(out)}
-    n, cqk, cv, h, w = plan.cpu_shape
-    say(f"      CPU forward, fp32, q/k {n}x{cqk}x{h}x{w}, v {n}x{cv}x{h}x{w}, 8x8 blocks (an ISA head on a "
-        f"{8 * h}x{8 * w} image), median of {plan.cpu_reps}:")
-    rows = cpu_attention_times(plan.cpu_shape, (8, 8), plan.cpu_reps, seed)
-    say("        pattern   eager ms   sdpa ms   max |eager - sdpa|")
-    for r in rows:
-        say(f"        {r['pattern']:<7} {r['eager_ms']:9.2f} {r['sdpa_ms']:9.2f}   {r['max_abs_diff']:.1e}")
-    n, cqk, cv, h, w = plan.interp_shape
-    bh, bw = plan.interp_block
-    say(f"      Triton kernels in Triton's interpreter (TRITON_INTERPRET=1, CPU), q/k {n}x{cqk}x{h}x{w}, "
-        f"v {n}x{cv}x{h}x{w}, {bh}x{bw} blocks,")
-    say("      forward and backward against an fp64 reference (pass: error <= 2 x eager fp32's error + 1e-6):")
-    check = triton_interpreter_check(plan.interp_shape, plan.interp_block, seed)
-    if "rows" in check:
-        for row in check["rows"]:
-            parts = [f"{k} {e['err']:.1e}{'' if e['ok'] else ' FAIL'}" for k, e in row["errors"].items()]
-            say(f"        {row['pattern']:<6} max error  {'  '.join(parts)}   ({row['seconds']:.1f} s)")
-        say(f"        {'all within bounds' if check['ok'] else 'SOME ERRORS ABOVE THE BOUND'}")
-    else:
-        say(f"        not run: {check.get('skipped') or check.get('error')}")
-    say("      Kernel speed needs a GPU: the interpreter checks correctness only, it is not a timing. On a")
-    say("      CUDA machine `isa demo` runs `isa bench kernels` here (or run it yourself).")
-    return {"cpu": rows, "interpreter": check}
+    return cpu_kernel_report(plan.cpu_shape, plan.cpu_reps, plan.interp_shape, plan.interp_block, seed, say,
+                             indent="      ")
 
 
 # --------------------------------------------------------------------------------------------------

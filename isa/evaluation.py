@@ -76,6 +76,18 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_predict)
 
+    p = subparsers.add_parser(
+        "check-data", help="check a folder dataset for the classic mistakes before training",
+        description="Reads every image header and mask of each split of a folder dataset (DIR/images/<split>, "
+                    "DIR/masks/<split>, DIR/dataset.json) and prints the share of pixels per class, then errors "
+                    "(missing masks or images, size mismatches, values outside the classes, 0/255 binary masks, "
+                    "unreadable files) and warnings (classes without pixels, mostly ignored splits). `isa train` "
+                    "runs the same checks first. Exit code 1 when there are errors.")
+    p.add_argument("data", metavar="DIR", help="the dataset folder")
+    p.add_argument("--splits", nargs="+", default=["train", "val"], help="splits to check [train val]")
+    p.add_argument("--num-classes", type=int, metavar="K", help="class count when there is no dataset.json")
+    p.set_defaults(func=run_check_data)
+
 
 def segmenter_from_args(args: argparse.Namespace, **kwargs: Any):
     """The `zoo.Segmenter` that --model / --weights / --device / --dtype / --test-scale describe."""
@@ -180,3 +192,12 @@ def run_predict(args: argparse.Namespace) -> int:
                             palette=palette, progress=not args.no_progress)
     print(f"wrote {2 * len(records)} files (<name>_mask.png, <name>_overlay.png) to {args.out_dir}/")
     return 0
+
+
+def run_check_data(args: argparse.Namespace) -> int:
+    """`isa check-data`: print the report; exit 1 on errors."""
+    from eval.checks import check_dataset
+
+    report = check_dataset(args.data, args.splits, args.num_classes)
+    print(report.format())
+    return 0 if report.ok else 1

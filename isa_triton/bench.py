@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .attention import eager_attention, from_groups, sdpa_attention, to_groups
+from .checks import forward_backward
 
 CASES: Dict[str, tuple] = {
     "cityscapes_whole": (128, 256),  # 1024x2048 image, 1/8 feature
@@ -113,21 +114,18 @@ def peak_bytes(call: Callable[[], object]) -> int:
     return int(peak)
 
 
-def time_ms(call: Callable[[], object], grad_to_none: Optional[Sequence[torch.Tensor]] = None,
-            warmup: int = 10, rep: int = 40) -> float:
-    if not torch.cuda.is_available():  # CPU smoke runs: median of a few wall-clock calls
+def time_ms(call: Callable[[], object], warmup: int = 10, rep: int = 40) -> float:
+    """Median milliseconds of `call`: `triton.testing.do_bench` on a GPU, 3 wall-clock calls on the CPU."""
+    if not torch.cuda.is_available():  # CPU smoke runs
         times = []
         for _ in range(3):
-            for t in grad_to_none or ():
-                t.grad = None
             start = time.perf_counter()
             call()
             times.append((time.perf_counter() - start) * 1e3)
         return sorted(times)[1]
     import triton.testing
 
-    return float(triton.testing.do_bench(call, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
-                                         return_mode="median"))
+    return float(triton.testing.do_bench(call, warmup=warmup, rep=rep, return_mode="median"))
 
 
 def measure(fn: Callable, q, k, v, backward: bool, warmup: int, rep: int) -> Dict[str, float]:
@@ -139,19 +137,13 @@ def measure(fn: Callable, q, k, v, backward: bool, warmup: int, rep: int) -> Dic
 
         call()  # compile / autotune outside the timing
         return {"ms": time_ms(call, warmup=warmup, rep=rep), "peak_bytes": peak_bytes(call)}
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     grad = torch.randn_like(v)
 
     def call():
-        out = fn(*leaves)
-        out.backward(grad)
-        return None
+        forward_backward(fn, q, k, v, grad)  # fresh leaves per call: no gradient accumulates
 
     call()
-    ms = time_ms(call, grad_to_none=leaves, warmup=warmup, rep=rep)
-    for t in leaves:
-        t.grad = None
-    return {"ms": ms, "peak_bytes": peak_bytes(call)}
+    return {"ms": time_ms(call, warmup=warmup, rep=rep), "peak_bytes": peak_bytes(call)}
 
 
 def run_benchmark(dtype: torch.dtype = torch.bfloat16, cases: Sequence[str] = tuple(CASES),

@@ -1,5 +1,7 @@
-"""Accuracy and memory checks of the attention backends, shared by the GPU script and the tests.
+"""Accuracy and memory checks of the attention backends, shared by the tests, the GPU script, the demo
+and the sweep.
 
+- `forward_backward`: [out, dq, dk, dv] of one attention function for an upstream gradient.
 - `errors_vs_fp64`: forward and dq, dk, dv of a backend against an fp64 eager reference, with
   the tolerance rule of flash-attention's tests: error <= 2 x eager's error in the same dtype + atol.
 - `saved_bytes`: bytes autograd keeps for the backward beyond the inputs and the output (via
@@ -23,7 +25,16 @@ from .attention import eager_attention, sparse_attention
 ATOL = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
 
 
-def _forward_backward(fn: Callable, q, k, v, grad):
+def forward_backward(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], q: torch.Tensor,
+                     k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor) -> List[torch.Tensor]:
+    """[out, dq, dk, dv] of `fn(q, k, v)` for upstream gradient `grad` (on fresh leaves: q, k, v untouched).
+
+    Example:
+        >>> q = torch.randn(1, 4, 4, 4)
+        >>> out, dq, dk, dv = forward_backward(lambda a, b, c: a * b + c, q, q, q, torch.ones_like(q))
+        >>> bool((dv == 1).all())
+        True
+    """
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     out = fn(*leaves)
     out.backward(grad)
@@ -36,17 +47,22 @@ def reference_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: s
     def eager(a, b, c):
         return eager_attention(a, b, c, pattern, block, scale)
 
-    ref = _forward_backward(eager, q.double(), k.double(), v.double(), grad.double())
-    return ref, _forward_backward(eager, q, k, v, grad)
+    ref = forward_backward(eager, q.double(), k.double(), v.double(), grad.double())
+    return ref, forward_backward(eager, q, k, v, grad)
 
 
 def compare(got: Sequence[Optional[torch.Tensor]], ref: Sequence[torch.Tensor], base: Sequence[torch.Tensor],
             atol: float) -> Dict[str, Dict]:
     """Error of each of [out, dq, dk, dv] in `got` (None: not computed) against the fp64 `ref`,
-    within 2 x the same-dtype eager error in `base` + atol."""
+    within 2 x the same-dtype eager error in `base` + atol; shape and dtype must be eager's."""
     result = {}
     for name, g, e, r in zip(("out", "dq", "dk", "dv"), got, base, ref):
         if g is None:
+            continue
+        if g.shape != e.shape or g.dtype != e.dtype:
+            result[name] = dict(err=float("inf"), eager_err=float("nan"), bound=atol, ok=False, finite=False,
+                                ref_max=float("nan"), problem=f"{tuple(g.shape)} {g.dtype}, eager: "
+                                                              f"{tuple(e.shape)} {e.dtype}")
             continue
         err = (g.double() - r).abs().max().item()
         eager_err = (e.double() - r).abs().max().item()
@@ -66,7 +82,7 @@ def errors_vs_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: s
         gen = torch.Generator(device=q.device).manual_seed(1234)
         grad = torch.randn(v.shape, device=q.device, generator=gen).to(v.dtype)
     ref, base = reference_fp64(q, k, v, pattern, block, scale, grad)
-    got = _forward_backward(lambda a, b, c: sparse_attention(a, b, c, pattern, block, scale, backend), q, k, v, grad)
+    got = forward_backward(lambda a, b, c: sparse_attention(a, b, c, pattern, block, scale, backend), q, k, v, grad)
     return compare(got, ref, base, ATOL[q.dtype] if atol is None else atol)
 
 

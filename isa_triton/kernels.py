@@ -62,8 +62,8 @@ matching what eager PyTorch does.
 The op is a `torch.library.custom_op` (``isa_triton::attention_fwd`` / ``attention_bwd``) with a
 fake implementation and an autograd formula, so autograd and ``torch.compile(fullgraph=True)``
 work; outside torch.compile the same implementations run through a plain autograd.Function,
-which halves the per-call host time. Nothing inside synchronises with the host. With ``TRITON_INTERPRET=1`` the same launches
-run in Triton's interpreter on CPU tensors (also when the variable is set after this import).
+which halves the per-call host time. Nothing inside synchronises with the host. With ``TRITON_INTERPRET=1``
+set before Triton is imported, the same launches run in Triton's interpreter on CPU tensors.
 
 What was tested, where:
 - CPU (2 cores), Triton 3.8 interpreter, torch 2.14: forward, dq, dk, dv against an fp64 eager
@@ -109,7 +109,6 @@ Known limits:
 """
 import contextlib
 import os
-import types
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -142,9 +141,32 @@ TILE_MAX = 128  # groups of up to this many tokens use the single-tile kernels
 _LOG2E = 1.4426950408889634
 
 
-def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET=1``: kernels then run in Triton's interpreter (CPU tensors ok)."""
+def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+# `triton.jit` reads TRITON_INTERPRET when it decorates a function: for the kernels below, now; for
+# Triton's own (tl.sum, tl.max), when Triton was imported. Both must agree, so the variable has to
+# be set before the process imports Triton (the tests run the interpreter in a child process).
+INTERPRETED = HAS_TRITON and _interpret_requested()
+
+
+def interpreter_enabled() -> bool:
+    """True when this process runs the kernels in Triton's interpreter (CPU tensors accepted)."""
+    return INTERPRETED
+
+
+def _interpreter_error() -> Optional[str]:
+    """Why the interpreter setting of this process is unusable, or None."""
+    late = "TRITON_INTERPRET=1 must be set before Triton is imported (e.g. `TRITON_INTERPRET=1 python ...`)"
+    if INTERPRETED:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(tl.sum, InterpretedFunction):
+            return f"Triton was imported before TRITON_INTERPRET=1 was set: {late}"
+    elif HAS_TRITON and _interpret_requested():
+        return f"TRITON_INTERPRET=1 was set after isa_triton.kernels was imported: {late}"
+    return None
 
 
 _CUDA_OK: Dict[int, bool] = {}
@@ -169,14 +191,17 @@ def check_supported(q: torch.Tensor) -> None:
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"backend='triton' supports float32, float16 and bfloat16 inputs, got {q.dtype}; "
                          "cast the inputs or use backend='eager'")
-    if interpreter_enabled():
+    problem = _interpreter_error()
+    if problem:
+        raise RuntimeError(problem)
+    if INTERPRETED:
         if q.dtype == torch.bfloat16:
             raise ValueError("Triton's interpreter (TRITON_INTERPRET=1) computes bfloat16 dot products "
                              "wrongly; test bfloat16 on a GPU or use float16/float32")
         return
     if q.device.type != "cuda":
-        raise RuntimeError(f"backend='triton' runs on CUDA tensors, got device {q.device}; set "
-                           "TRITON_INTERPRET=1 to run the kernels in Triton's interpreter on the CPU")
+        raise RuntimeError(f"backend='triton' runs on CUDA tensors, got device {q.device}; to run the kernels "
+                           "in Triton's interpreter on the CPU, set TRITON_INTERPRET=1 before Python imports triton")
     if not cuda_supported(q.device):
         raise RuntimeError(f"backend='triton' needs a CUDA GPU of compute capability 8.0 or newer, "
                            f"got {torch.cuda.get_device_name(q.device)}; use backend='sdpa'")
@@ -1168,106 +1193,20 @@ def _bwd_plan(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 # --------------------------------------------------------------------------------------------
 # Running launches (compiled on CUDA, interpreted on the CPU under TRITON_INTERPRET=1)
 # --------------------------------------------------------------------------------------------
-_INTERPRETED: Dict[str, Any] = {}
-_MISSING = object()
-
-
-def _interpreted(kernel: Any) -> Any:
-    """Interpreter twin of a kernel, made even when TRITON_INTERPRET was set after this import.
-
-    `triton.jit` reads TRITON_INTERPRET when it decorates, and a compiled kernel refuses to call
-    another @triton.jit function from the interpreter; so the kernels are rebuilt here over a copy
-    of this module's globals in which every jit function is an InterpretedFunction.
-    """
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if isinstance(kernel, InterpretedFunction):
-        return kernel
-    if not _INTERPRETED:
-        scope = dict(globals())
-        for name, obj in list(globals().items()):
-            if isinstance(obj, triton.runtime.JITFunction):
-                fn = obj.fn
-                clone = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
-                clone.__qualname__ = fn.__qualname__
-                clone.__module__ = fn.__module__
-                scope[name] = InterpretedFunction(clone)
-                _INTERPRETED[name] = scope[name]
-    return _INTERPRETED[kernel.fn.__name__]
-
-
-@contextlib.contextmanager
-def _interpreter_session():
-    """Make interpreted launches work, and leave no trace, when Triton was imported uninterpreted.
-
-    - `tl.max` / `tl.sum` are @jit functions of triton.language.standard, compiled ones unless
-      TRITON_INTERPRET was set when Triton was imported: they are swapped for interpreter twins
-      (which still take the interpreter's numpy fast path: it matches the standard combine
-      functions by identity).
-    - The interpreter patches triton.language for each device-function call and does not undo
-      those patches (harmless in an interpreter-only process, fatal for a later real compile in the
-      same process): the first value of every attribute it patches is recorded and put back.
-    """
-    from triton.runtime import interpreter
-
-    saved = {}
-    for name in ("max", "sum"):
-        fn = getattr(tl, name)
-        if isinstance(fn, triton.runtime.JITFunction):
-            saved[name] = fn
-            setattr(tl, name, interpreter.InterpretedFunction(fn.fn))
-    # the value each patched attribute had before the first patch (MISSING: not in the object's dict)
-    firsts: Dict[Tuple[int, str], Tuple[Any, str, Any]] = {}
-    scope_cls = getattr(interpreter, "_LangPatchScope", None)
-    original_set_attr = getattr(scope_cls, "set_attr", None)
-    if original_set_attr is not None:
-        def recording_set_attr(self, obj, name, value):
-            key = (id(obj), name)
-            if key not in firsts:
-                firsts[key] = (obj, name, vars(obj).get(name, _MISSING))
-            original_set_attr(self, obj, name, value)
-
-        scope_cls.set_attr = recording_set_attr
-    try:
-        yield
-    finally:
-        if original_set_attr is not None:
-            scope_cls.set_attr = original_set_attr
-        for obj, name, value in firsts.values():
-            if value is _MISSING:
-                if name in vars(obj):
-                    delattr(obj, name)
-            else:
-                setattr(obj, name, value)
-        for name, fn in saved.items():
-            setattr(tl, name, fn)
-
-
 def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
     """Global scratch for kernels that build TMA descriptors on the device (128 bytes each)."""
-    on_gpu = torch.cuda.is_available() and not interpreter_enabled()
+    on_gpu = torch.cuda.is_available() and not INTERPRETED
     return torch.empty(size, dtype=torch.int8, device="cuda" if on_gpu else "cpu")
-
-
-def _ensure_allocator() -> None:
-    """Give Triton a scratch allocator for device-side tensor descriptors, unless the user set one."""
-    try:  # Triton's private registry; when its layout changes, set ours (as Triton's own tutorials do)
-        from triton.runtime import _allocation
-
-        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
-    except (ImportError, AttributeError):
-        unset = True
-    if unset:
-        triton.set_allocator(_scratch)
 
 
 def _launch(plans: Sequence[Launch], device: torch.device) -> None:
     if any(p.name.endswith("tma") for p in plans):
-        _ensure_allocator()
-    if interpreter_enabled():
-        with _interpreter_session():
-            for p in plans:
-                _interpreted(p.kernel)[p.grid](**p.args, **p.constexprs)
+        # device-side tensor descriptors need Triton's allocator, set as Triton's tutorials do; a
+        # context variable (per thread: autograd's backward may run in another), so set at each launch
+        triton.set_allocator(_scratch)
+    if INTERPRETED:  # CPU tensors; warps and stages mean nothing to the interpreter
+        for p in plans:
+            p.kernel[p.grid](**p.args, **p.constexprs)
         return
     with torch.cuda.device(device):
         for p in plans:

@@ -18,7 +18,8 @@ Phases (each one's failure is recorded and the next still runs; the JSON is alwa
    "split" side by side, with a summary line) and the short-range forward's Cv split at batch 1 and 8;
 5. benchmark: `isa bench kernels` rows (bf16; triton, eager, sdpa; batch 1 and 8; both layouts),
    then FlexAttention.
-Exit status 1 when a correctness, memory or compile check fails.
+Exit status 1 when a correctness, memory or compile check fails. `--dry-run` rehearses every phase on
+the CPU in Triton's interpreter (TRITON_INTERPRET=1, set here before Triton is imported).
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if "--dry-run" in sys.argv[1:]:  # Triton reads TRITON_INTERPRET when it is imported (by isa_triton below)
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
@@ -80,7 +83,7 @@ def dry_run_setup() -> None:
     global DEVICE, CQK, CV, CORRECTNESS, MEM_DTYPE, BENCH_CASES, BENCH_BACKENDS, BENCH_BATCHES, SWEEP_CASE
     global CORRECTNESS_FUSED
     global MEM_SHAPE, COMPILE_SHAPE
-    os.environ["TRITON_INTERPRET"] = "1"
+    assert kernels.interpreter_enabled(), "TRITON_INTERPRET=1 is set at the top of this script for --dry-run"
     DEVICE, CQK, CV, MEM_DTYPE = "cpu", 16, 24, "fp16"
     MEM_SHAPE, COMPILE_SHAPE = (16, 32), (16, 16)
     CORRECTNESS = [("fp16" if d == "bf16" else d, 16, 24 if p == "long" else 16, p, lay, min(n, 2))

@@ -1,9 +1,9 @@
 """The Triton kernels, run on the CPU in Triton's interpreter, against an fp64 reference.
 
-`TRITON_INTERPRET=1` is set per test (the `interpret` fixture); `isa_triton.kernels` builds the
-interpreted kernels when it sees the variable at launch time, so these tests share one pytest
-session with everything else. Tolerance rule (flash-attention's): the kernel's max error against
-fp64 may be at most twice eager PyTorch's error in the same dtype, plus a small atol.
+TRITON_MODE = "interpret": these tests run in a process that set TRITON_INTERPRET=1 before
+importing Triton (a child pytest unless this one did; tests/kernel_env.py). Tolerance rule
+(flash-attention's): the kernel's max error against fp64 may be at most twice eager PyTorch's
+error in the same dtype, plus a small atol.
 """
 from __future__ import annotations
 
@@ -15,13 +15,17 @@ pytest.importorskip("triton")
 from isa_triton import kernels, sparse_attention  # noqa: E402
 from isa_triton.attention import eager_attention  # noqa: E402
 
+pytest_plugins = ("kernel_env",)
+TRITON_MODE = "interpret"
+
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4}
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 
 
 @pytest.fixture
 def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    """This process runs Triton's interpreter; no $ISA_BACKEND override."""
+    assert kernels.interpreter_enabled()
     monkeypatch.delenv("ISA_BACKEND", raising=False)
 
 
@@ -235,13 +239,6 @@ def test_custom_op_passes_torch_library_opcheck(interpret):
 def test_interpreter_refuses_bfloat16(interpret):
     q = torch.randn(1, 16, 8, 8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="bfloat16"):
-        sparse_attention(q, q, q, "short", (4, 4), backend="triton")
-
-
-def test_triton_on_cpu_without_interpreter_says_how_to_enable_it(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    q = torch.randn(1, 16, 8, 8)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         sparse_attention(q, q, q, "short", (4, 4), backend="triton")
 
 

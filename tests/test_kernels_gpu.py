@@ -9,16 +9,16 @@ import torch
 
 pytest.importorskip("triton")
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 from isa_triton import bench, kernels, sparse_attention  # noqa: E402
 from isa_triton.attention import resolve_backend  # noqa: E402
 from isa_triton.checks import errors_vs_fp64, saved_bytes  # noqa: E402
 
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or kernels.interpreter_enabled(),
+                                reason="needs a CUDA GPU and Triton compiling (TRITON_INTERPRET unset)")
+
 
 @pytest.fixture(autouse=True)
 def _exact_fp32(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("ISA_BACKEND", raising=False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 

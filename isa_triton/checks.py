@@ -15,11 +15,11 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .attention import eager_attention, sparse_attention
+from .attention import _pair, check_inputs, eager_attention, sparse_attention
 
 # atol added to 2 x eager's max error (GPU; the CPU interpreter tests use their own)
 ATOL = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
@@ -75,15 +75,31 @@ def compare(got: Sequence[Optional[torch.Tensor]], ref: Sequence[torch.Tensor], 
 
 def errors_vs_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, block: Tuple[int, int],
                    scale: Optional[float] = None, backend: str = "triton", grad: Optional[torch.Tensor] = None,
-                   atol: Optional[float] = None) -> Dict[str, Dict]:
-    """Max abs error of out, dq, dk, dv of `backend` and of eager (same dtype) against fp64 eager."""
+                   atol: Optional[float] = None, fwd_cfg: Optional[Any] = None,
+                   bwd_cfg: Optional[Any] = None) -> Dict[str, Dict]:
+    """Max abs error of out, dq, dk, dv of `backend` and of eager (same dtype) against fp64 eager.
+
+    `fwd_cfg` / `bwd_cfg` (backend "triton" only): launch configs replacing the op's own (e.g. a
+    sweep entry).
+    """
     scale = q.shape[1] ** -0.5 if scale is None else scale
     if grad is None:
         gen = torch.Generator(device=q.device).manual_seed(1234)
         grad = torch.randn(v.shape, device=q.device, generator=gen).to(v.dtype)
     ref, base = reference_fp64(q, k, v, pattern, block, scale, grad)
-    got = forward_backward(lambda a, b, c: sparse_attention(a, b, c, pattern, block, scale, backend), q, k, v, grad)
-    return compare(got, ref, base, ATOL[q.dtype] if atol is None else atol)
+    if fwd_cfg is None and bwd_cfg is None:
+        def fn(a, b, c):
+            return sparse_attention(a, b, c, pattern, block, scale, backend)
+    else:
+        if backend != "triton":
+            raise ValueError(f"launch configs are for backend='triton', got backend={backend!r}")
+        from .kernels import triton_attention
+
+        check_inputs(q, k, v, pattern, _pair(block))
+
+        def fn(a, b, c):
+            return triton_attention(a, b, c, pattern, _pair(block), scale, fwd_cfg, bwd_cfg)
+    return compare(forward_backward(fn, q, k, v, grad), ref, base, ATOL[q.dtype] if atol is None else atol)
 
 
 def saved_bytes(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:

@@ -59,10 +59,10 @@ ones, whose token rows are contiguous channel vectors. fp32 inputs use exact fp3
 (``input_precision="ieee"``, FMA units) unless ``torch.backends.cuda.matmul.allow_tf32`` is set,
 matching what eager PyTorch does.
 
-The op is a `torch.library.custom_op` (``isa_triton::attention_fwd`` / ``attention_bwd``) with a
-fake implementation and an autograd formula, so autograd and ``torch.compile(fullgraph=True)``
-work; outside torch.compile the same implementations run through a plain autograd.Function,
-which halves the per-call host time. Nothing inside synchronises with the host. With ``TRITON_INTERPRET=1``
+Autograd is one `torch.autograd.Function`: eager calls launch the kernels from it directly (half the
+per-call host time of a dispatcher round trip); under torch.compile it calls the custom ops
+``isa_triton::attention_fwd`` / ``attention_bwd`` (with fake implementations), so
+``torch.compile(fullgraph=True)`` traces it. Nothing inside synchronises with the host. With ``TRITON_INTERPRET=1``
 set before Triton is imported, the same launches run in Triton's interpreter on CPU tensors.
 
 What was tested, where:
@@ -1269,80 +1269,71 @@ def _backward_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     return dq, dk, dv
 
 
-if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
+# What torch.compile sees: two opaque ops with fake implementations (shapes, dtypes, memory formats).
+@torch.library.custom_op("isa_triton::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, long_range: bool, block_h: int,
+                      block_w: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(q, k, v, long_range, block_h, block_w, scale)
 
-    @torch.library.custom_op("isa_triton::attention_fwd", mutates_args=())
-    def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, long_range: bool, block_h: int,
-                          block_w: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        return _forward_impl(q, k, v, long_range, block_h, block_w, scale)
 
-    @_attention_fwd_op.register_fake
-    def _(q, k, v, long_range, block_h, block_w, scale):
-        geo = Geometry(q.shape[0], q.shape[2], q.shape[3], block_h, block_w, long_range)
-        return torch.empty_like(v), q.new_empty((geo.n * geo.groups, geo.tokens), dtype=torch.float32)
+@_attention_fwd_op.register_fake
+def _(q, k, v, long_range, block_h, block_w, scale):
+    geo = Geometry(q.shape[0], q.shape[2], q.shape[3], block_h, block_w, long_range)
+    return torch.empty_like(v), q.new_empty((geo.n * geo.groups, geo.tokens), dtype=torch.float32)
 
-    @torch.library.custom_op("isa_triton::attention_bwd", mutates_args=())
-    def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                          lse: torch.Tensor, long_range: bool, block_h: int, block_w: int,
-                          scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _backward_impl(do, q, k, v, out, lse, long_range, block_h, block_w, scale)
 
-    @_attention_bwd_op.register_fake
-    def _(do, q, k, v, out, lse, long_range, block_h, block_w, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+@torch.library.custom_op("isa_triton::attention_bwd", mutates_args=())
+def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, long_range: bool, block_h: int, block_w: int,
+                      scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(do, q, k, v, out, lse, long_range, block_h, block_w, scale)
 
-    def _setup_context(ctx, inputs, output):
-        q, k, v, long_range, block_h, block_w, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.params = (long_range, block_h, block_w, scale)
-        ctx.mark_non_differentiable(lse)
 
-    def _attention_backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv = _attention_bwd_op(grad_out, q, k, v, out, lse, *ctx.params)
-        return dq, dk, dv, None, None, None, None
-
-    _attention_fwd_op.register_autograd(_attention_backward, setup_context=_setup_context)
-    _FWD_OP = _attention_fwd_op
-else:  # pragma: no cover - torch < 2.4
-    _FWD_OP = None
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, long_range, block_h, block_w, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 class _Attention(torch.autograd.Function):
-    """The op outside torch.compile: the custom op's implementations without its dispatcher, whose
-    host cost bounds small-batch timings (2-core CPU, launches stubbed: forward 66 -> 35 us,
-    forward + backward 260 -> 178 us of host time per call)."""
+    """The op's one autograd wiring. Eager calls launch the kernels from here: the custom ops' dispatch
+    would double the host time per call (see BENCHMARKS.md, kernel history); under torch.compile the
+    forward and backward call the custom ops instead, which the compiler keeps as opaque nodes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, long_range, block_h, block_w, scale):
-        out, lse = _forward_impl(q, k, v, long_range, block_h, block_w, scale)
+    def forward(ctx, q, k, v, long_range, block_h, block_w, scale, fwd_cfg, bwd_cfg):
+        if torch.compiler.is_compiling():
+            out, lse = _attention_fwd_op(q, k, v, long_range, block_h, block_w, scale)
+        else:
+            out, lse = _forward_impl(q, k, v, long_range, block_h, block_w, scale, fwd_cfg)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.params = (long_range, block_h, block_w, scale)
+        ctx.params = (long_range, block_h, block_w, scale, bwd_cfg)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        return (*_backward_impl(grad_out, q, k, v, out, lse, *ctx.params), None, None, None, None)
+        long_range, block_h, block_w, scale, bwd_cfg = ctx.params
+        if torch.compiler.is_compiling():
+            grads = _attention_bwd_op(grad_out, q, k, v, out, lse, long_range, block_h, block_w, scale)
+        else:
+            grads = _backward_impl(grad_out, q, k, v, out, lse, long_range, block_h, block_w, scale, bwd_cfg)
+        return (*grads, None, None, None, None, None, None)
 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str,
-                     block_size: Tuple[int, int], scale: float) -> torch.Tensor:
+                     block_size: Tuple[int, int], scale: float, fwd_cfg: Optional[Dict[str, Any]] = None,
+                     bwd_cfg: Optional[Dict[str, Any]] = None) -> torch.Tensor:
     """Fused Triton attention on (N, C, H, W) maps (inputs already checked by `check_inputs`).
 
-    Example (CPU, interpreter):
-        >>> import os; os.environ["TRITON_INTERPRET"] = "1"
+    `fwd_cfg` / `bwd_cfg` replace the op's launch configs (the sweep and the tests; not under torch.compile).
+
+    Example (CPU; TRITON_INTERPRET=1 set before Python imported triton):
         >>> q = k = torch.randn(1, 16, 16, 16); v = torch.randn(1, 32, 16, 16)
-        >>> triton_attention(q, k, v, "short", (8, 8), 0.25).shape
+        >>> triton_attention(q, k, v, "short", (8, 8), 0.25).shape      # doctest: +SKIP
         torch.Size([1, 32, 16, 16])
     """
     check_supported(q)
-    args = (q, k, v, pattern == "long", int(block_size[0]), int(block_size[1]), float(scale))
-    if not torch.compiler.is_compiling():
-        return _Attention.apply(*args)
-    if _FWD_OP is None:
-        raise RuntimeError("torch.compile of backend='triton' needs torch>=2.4 (torch.library.custom_op)")
-    return _FWD_OP(*args)[0]
+    if (fwd_cfg is not None or bwd_cfg is not None) and torch.compiler.is_compiling():
+        raise ValueError("explicit launch configs are for timing and testing eager calls, not torch.compile")
+    return _Attention.apply(q, k, v, pattern == "long", int(block_size[0]), int(block_size[1]), float(scale),
+                            fwd_cfg, bwd_cfg)

@@ -79,22 +79,8 @@ def _check_against_fp64(triton_fn, q, k, v, grad, pattern, block, scale):
 
 
 def _with_configs(fwd_cfg, bwd_cfg, pattern, block, scale):
-    """The kernels as an autograd function with explicit launch configs (None: the op's own)."""
-    long_range = pattern == "long"
-
-    class _Fn(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, a, b, c):
-            out, lse = kernels._forward_impl(a, b, c, long_range, block[0], block[1], scale, fwd_cfg)
-            ctx.save_for_backward(a, b, c, out, lse)
-            return out
-
-        @staticmethod
-        def backward(ctx, do):
-            a, b, c, out, lse = ctx.saved_tensors
-            return kernels._backward_impl(do, a, b, c, out, lse, long_range, block[0], block[1], scale, bwd_cfg)
-
-    return _Fn.apply
+    """The op with explicit launch configs (None: the op's own)."""
+    return lambda a, b, c: kernels.triton_attention(a, b, c, pattern, block, scale, fwd_cfg, bwd_cfg)
 
 
 # (id, N, Cqk, Cv, H, W, block, pattern, layout): tile and flash paths, gather and vector loads
@@ -191,7 +177,7 @@ def test_tma_configs_fall_back_to_the_pointer_kernels_for_other_layouts(interpre
 
 
 def test_torch_compile_fullgraph_runs_the_custom_op(interpret):
-    """The op traces without graph breaks (fake impl + autograd formula) and matches eager."""
+    """The op traces without graph breaks (fake impls, one autograd.Function) and matches eager."""
     q, k, v, grad = _inputs(1, 16, 16, 8, 8, torch.float32, "nchw", seed=2)
 
     def fn(a, b, c):
@@ -218,7 +204,18 @@ def test_eager_calls_skip_the_custom_op_dispatcher_and_compiled_ones_use_it(inte
 
     torch.compile(lambda a, b, c: sparse_attention(a, b, c, "short", (4, 4), backend="triton"),
                   backend=backend, fullgraph=True)(q, k, v)
-    assert "isa_triton.attention_fwd" in graphs[0].code
+    code = "\n".join(m.code for m in graphs[0].modules() if isinstance(m, torch.fx.GraphModule))
+    assert "isa_triton.attention_fwd" in code and "isa_triton.attention_bwd" in code
+
+
+def test_explicit_launch_configs_are_refused_under_torch_compile(interpret):
+    q, k, v, _ = _inputs(1, 16, 16, 8, 8, torch.float32, "nchw")
+
+    def fn(a, b, c):
+        return kernels.triton_attention(a, b, c, "short", (4, 4), 0.25, fwd_cfg=TILE_CFG)
+
+    with pytest.raises(Exception, match="explicit launch configs"):
+        torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
 
 
 def test_output_and_grads_keep_the_input_memory_format(interpret):
@@ -229,11 +226,15 @@ def test_output_and_grads_keep_the_input_memory_format(interpret):
         assert t.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_custom_op_passes_torch_library_opcheck(interpret):
+def test_custom_ops_pass_torch_library_opcheck(interpret):
     q, k, v, _ = _inputs(1, 16, 16, 8, 8, torch.float32, "nchw")
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 4, 4, 0.25)
-    torch.library.opcheck(kernels._FWD_OP, args, test_utils=("test_schema", "test_faketensor",
-                                                              "test_autograd_registration"))
+    torch.library.opcheck(torch.ops.isa_triton.attention_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out, lse = kernels._forward_impl(q.detach(), k.detach(), v.detach(), True, 4, 4, 0.25)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, True, 4, 4, 0.25)
+    torch.library.opcheck(torch.ops.isa_triton.attention_bwd.default, bwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_interpreter_refuses_bfloat16(interpret):

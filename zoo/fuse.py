@@ -1,7 +1,7 @@
 """The inference path: BatchNorm folded into the convolutions, channels_last, frozen."""
 from __future__ import annotations
 
-import copy
+from copy import deepcopy
 
 import torch
 import torch.nn as nn
@@ -26,15 +26,16 @@ def fold_batchnorm(module: nn.Module) -> int:
     return folded
 
 
-def optimize_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Module:
-    """A frozen eval-mode copy with BN folded and channels_last weights; the original is untouched.
+def optimize_for_inference(model: nn.Module, channels_last: bool = True, copy: bool = True) -> nn.Module:
+    """A frozen eval-mode copy with BN folded and channels_last weights; the original is untouched
+    (`copy=False` converts `model` itself, for a caller that owns it).
 
     Example:
         >>> fast = optimize_for_inference(zoo.create_model("isanet_r50-d8_512x1024_40k_cityscapes"))
         >>> with torch.inference_mode():
         ...     logits = fast(torch.randn(1, 3, 64, 64).to(memory_format=torch.channels_last))
     """
-    fast = copy.deepcopy(model).eval()
+    fast = (deepcopy(model) if copy else model).eval()
     fold_batchnorm(fast)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)

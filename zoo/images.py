@@ -63,13 +63,15 @@ def read_image(path: PathLike, exif_transpose: bool = False, max_pixels: Optiona
     try:
         with _pixel_limit(max_pixels), Image.open(path) as pil:
             check_pixels(pil.width, pil.height, max_pixels, path)
-            upright = ImageOps.exif_transpose(pil) if exif_transpose else pil
-            array = np.asarray(upright.convert("RGB"))
+            if exif_transpose:
+                ImageOps.exif_transpose(pil, in_place=True)  # in place: no second decoded copy
+            array = np.array(pil if pil.mode == "RGB" else pil.convert("RGB"))
     except ImageError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(f"cannot read image {path}: {err}") from err
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    # (3, H, W) as a view of the (H, W, 3) pixels: no second copy of a large photo
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def to_rgb_tensor(image: Any, max_pixels: Optional[int] = MAX_PIXELS) -> torch.Tensor:

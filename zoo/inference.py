@@ -191,7 +191,7 @@ def view_logits(model: torch.nn.Module, images: torch.Tensor, settings: TestSett
         x = x.contiguous(memory_format=memory_format)
         with autocast(images.device, dtype):
             logits = network_logits(model, x, settings)
-        out.append((logits.float().contiguous(), flip))
+        out.append((logits.float().contiguous(memory_format=torch.channels_last), flip))  # what class_maps reads
     return out
 
 
@@ -224,49 +224,111 @@ def _source_rows(out_size: int, in_size: int, align_corners: bool
     return index0, index1, lam
 
 
+def _width_resized(logits: torch.Tensor, lo: int, hi: int, out_w: int, align_corners: bool) -> torch.Tensor:
+    """Source rows lo..hi of channels_last `logits` (N, K, h, w) resized to `out_w` columns (F.interpolate: an
+    identity along the height), as (N, rows, out_w, K): classes innermost, for fast per-pixel reductions."""
+    rows = F.interpolate(logits[:, :, lo:hi + 1], size=(hi - lo + 1, out_w), mode="bilinear",
+                         align_corners=align_corners)
+    return rows.permute(0, 2, 3, 1)  # channels_last in memory: a contiguous view
+
+
+def _blend_rows(top: torch.Tensor, bottom: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Output rows between two width-resized source rows (…, W, C): top * (1 - lam) + bottom * lam, one row
+    per weight in `lam`, returned as (…, rows, W, C)."""
+    lam = lam.to(top.device).view(-1, 1, 1)
+    return top.unsqueeze(-3) * (1 - lam) + bottom.unsqueeze(-3) * lam
+
+
 def _resize_band(logits: torch.Tensor, out_w: int, rows: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                  align_corners: bool) -> torch.Tensor:
-    """Rows of `F.interpolate(logits, (H, out_w), bilinear)` for the given (index0, index1, weight) rows."""
+    """Rows of the bilinear resize of channels_last `logits` for the given (index0, index1, weight) rows,
+    as (N, rows, out_w, K)."""
     index0, index1, lam = rows
     lo, hi = int(index0.min()), int(index1.max())
-    # width first, over just the source rows this band reads (an identity along the height)
-    src = F.interpolate(logits[:, :, lo:hi + 1], size=(hi - lo + 1, out_w), mode="bilinear",
-                        align_corners=align_corners)
-    lam = lam.to(src.device).view(1, 1, -1, 1)
-    return src[:, :, (index0 - lo).to(src.device)] * (1 - lam) + src[:, :, (index1 - lo).to(src.device)] * lam
+    src = _width_resized(logits, lo, hi, out_w, align_corners)
+    lam = lam.to(src.device).view(1, -1, 1, 1)
+    return src[:, (index0 - lo).to(src.device)] * (1 - lam) + src[:, (index1 - lo).to(src.device)] * lam
+
+
+def _upsampled_argmax(logits: torch.Tensor, out_hw: Sequence[int], align_corners: bool, out: torch.Tensor,
+                      band_elements: int = BAND_ELEMENTS, candidates: int = 8) -> torch.Tensor:
+    """argmax over classes of the bilinearly resized channels_last logits, written into `out` (N, H, W),
+    without evaluating every class at every output pixel.
+
+    Output rows between two source rows blend the same two width-resized rows A and B, so a class's score
+    there lies in [min(A, B), max(A, B)]: only the classes whose maximum reaches the largest minimum can win
+    (a few, for a trained model). Each pair of rows evaluates its `candidates` classes of largest maximum
+    with the arithmetic of the dense path, taking the argmax among them in class order; columns with more
+    contenders evaluate every class, and so does a pair whose logits are flat (an untrained model). The
+    result equals the dense argmax exactly.
+    """
+    n, k, h, _ = logits.shape
+    out_h, out_w = int(out_hw[0]), int(out_hw[1])
+    index0, index1, lam = _source_rows(out_h, h, align_corners)
+    take = min(k, candidates)
+    chunk = max(2, band_elements // max(1, n * k * out_w))  # width-resized source rows held at once
+    cache_lo, cache = -1, None
+    starts = torch.nonzero(torch.diff(index0, prepend=torch.tensor([-1]))).flatten().tolist() + [out_h]
+    for y0, y1 in zip(starts[:-1], starts[1:]):  # output rows sharing one pair of source rows
+        r0, r1 = int(index0[y0]), int(index1[y0])
+        if cache is None or r1 >= cache_lo + cache.shape[1]:
+            cache_lo = r0
+            cache = _width_resized(logits, r0, min(h - 1, r0 + chunk - 1), out_w, align_corners)
+        top, bottom = cache[:, r0 - cache_lo], cache[:, r1 - cache_lo]  # (N, W, K)
+        lams = lam[y0:y1]
+        high = torch.maximum(top, bottom)
+        floor = torch.minimum(top, bottom).amax(dim=-1, keepdim=True)
+        # a class whose maximum is below every blend of the best minimum cannot win (margin: rounding)
+        contenders = (high >= floor - 1e-5 * (floor.abs() + 1)).sum(dim=-1)  # (N, W)
+        crowded = contenders > take
+        if take == k or float(crowded.float().mean()) > 0.25:
+            out[:, y0:y1] = _blend_rows(top, bottom, lams).argmax(dim=-1)
+            continue
+        pick = high.topk(take, dim=-1).indices.sort(dim=-1).values  # (N, W, take), in class order
+        scores = _blend_rows(top.gather(-1, pick), bottom.gather(-1, pick), lams)  # (N, rows, W, take)
+        best = scores.argmax(dim=-1, keepdim=True)
+        labels = pick.unsqueeze(1).expand(-1, y1 - y0, -1, -1).gather(-1, best).squeeze(-1)  # (N, rows, W)
+        if bool(crowded.any()):
+            for b in range(n):
+                cols = crowded[b].nonzero().flatten()
+                if cols.numel():
+                    labels[b][:, cols] = _blend_rows(top[b][cols], bottom[b][cols], lams).argmax(dim=-1)
+        out[:, y0:y1] = labels
+    return out
 
 
 def class_maps(views: Sequence[Tuple[torch.Tensor, bool]], out_hw: Sequence[int], align_corners: bool, *,
                probs: bool = False, band_elements: int = BAND_ELEMENTS) -> torch.Tensor:
     """Label maps (N, H, W) — or, with `probs`, averaged probabilities (N, K, H, W) — at `out_hw` from the
     views' logits, computed in bands of output rows. Labels are uint8 when K <= 256, else int64."""
+    views = [(logits.contiguous(memory_format=torch.channels_last), flip) for logits, flip in views]
     first = views[0][0]
     n, k = first.shape[:2]
     out_h, out_w = int(out_hw[0]), int(out_hw[1])
     device = first.device
-    if probs:
-        result = torch.empty((n, k, out_h, out_w), dtype=torch.float32, device=device)
+    if len(views) == 1 and not probs:  # softmax is monotonic: the argmax of the logits is the argmax of the probs
+        labels = torch.empty((n, out_h, out_w), dtype=torch.uint8 if k <= 256 else torch.int64, device=device)
+        return _upsampled_argmax(first, out_hw, align_corners, labels, band_elements)
+    if probs:  # (N, H, W, K) in memory, seen as (N, K, H, W): channels_last
+        result = torch.empty((n, out_h, out_w, k), dtype=torch.float32, device=device).permute(0, 3, 1, 2)
     else:
         result = torch.empty((n, out_h, out_w), dtype=torch.uint8 if k <= 256 else torch.int64, device=device)
     band = max(1, band_elements // max(1, n * k * out_w))
     plans = [_source_rows(out_h, logits.shape[2], align_corners) for logits, _ in views]
-    single = len(views) == 1 and not probs
     for y0 in range(0, out_h, band):
         y1 = min(out_h, y0 + band)
         total = None
         for (logits, flip), (i0, i1, lam) in zip(views, plans):
-            resized = _resize_band(logits, out_w, (i0[y0:y1], i1[y0:y1], lam[y0:y1]), align_corners)
-            if single:  # softmax is monotonic: the argmax of the logits is the argmax of the probabilities
-                total = resized
-                break
-            p = resized.softmax(dim=1)
+            p = _resize_band(logits, out_w, (i0[y0:y1], i1[y0:y1], lam[y0:y1]), align_corners).softmax(dim=-1)
             if flip:
-                p = p.flip(-1)
+                p = p.flip(2)
             total = p if total is None else total.add_(p)
+        if len(views) > 1:
+            total /= len(views)
         if probs:
-            result[:, :, y0:y1] = total / len(views) if len(views) > 1 else total
+            result[:, :, y0:y1] = total.permute(0, 3, 1, 2)
         else:
-            result[:, y0:y1] = total.argmax(dim=1)
+            result[:, y0:y1] = total.argmax(dim=-1)
     return result
 
 

@@ -53,13 +53,23 @@ class Segmenter:
         batch_size: how many same-size images run through the network together.
         max_pixels: refuse larger images (Pillow's decompression-bomb limit by default; 0: none).
         num_classes: another class count than the weights' (their classifiers are then re-initialised).
+        runtime: "torch", or "onnxruntime" to run an exported .onnx file (`weights`; `isa export`) on the
+            CPU without building the PyTorch model: classes and test pipeline come from its metadata.
     """
 
     def __init__(self, model: Union[str, ISANet, None] = None, weights: Union[None, str, "os.PathLike[str]"] = None,
                  *, device: Union[str, torch.device] = "auto", dtype: Union[str, torch.dtype] = "auto",
                  backend: str = "auto", scale_wh: Optional[Sequence[int]] = None, batch_size: int = 4,
-                 max_pixels: Optional[int] = MAX_PIXELS, num_classes: Optional[int] = None) -> None:
-        if isinstance(model, ISANet):
+                 max_pixels: Optional[int] = MAX_PIXELS, num_classes: Optional[int] = None,
+                 runtime: str = "torch") -> None:
+        if runtime == "onnxruntime":
+            from .export import OnnxRuntimeModel
+
+            net = OnnxRuntimeModel.for_segmenter(model, weights, device=device, dtype=dtype, num_classes=num_classes)
+            device = "cpu"
+        elif runtime != "torch":
+            raise ValueError(f"runtime must be 'torch' or 'onnxruntime', got {runtime!r}")
+        elif isinstance(model, ISANet):
             net = model
             if weights is not None:
                 raise ValueError("pass either a model or weights to load, not both")
@@ -73,7 +83,10 @@ class Segmenter:
             self.settings = replace(self.settings, scale_wh=(int(scale_wh[0]), int(scale_wh[1])))
         self.batch_size = max(1, int(batch_size))
         self.max_pixels = max_pixels
-        self.model = optimize_for_inference(net.eval().to(self.device))
+        # either way a callable from a normalised batch to logits, which is all zoo.inference needs; a model
+        # built here is converted in place (no second copy of the weights)
+        self.model = net if runtime == "onnxruntime" else optimize_for_inference(
+            net.eval().to(self.device), copy=isinstance(model, ISANet))
 
     classes = property(lambda self: self.meta.classes, doc="Class names, in label order.")
     palette = property(lambda self: self.meta.palette, doc="One (r, g, b) colour per class.")
@@ -93,7 +106,8 @@ class Segmenter:
         tensors = [self.load(image) for image in ([images] if single else images)]
         results: List[Optional[torch.Tensor]] = [None] * len(tensors)
         for indices in self._batches(tensors):
-            batch = torch.stack([tensors[i] for i in indices]).to(self.device)
+            batch = (tensors[indices[0]].unsqueeze(0) if len(indices) == 1 else
+                     torch.stack([tensors[i] for i in indices])).to(self.device)
             views = view_logits(self.model, batch, self.settings, tta=tta, dtype=self.dtype)
             maps = class_maps(views, batch.shape[-2:], self.settings.align_corners, probs=probs).cpu()
             for j, i in enumerate(indices):

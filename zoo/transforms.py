@@ -71,13 +71,19 @@ def resize_image(image: torch.Tensor, size_hw: Sequence[int]) -> torch.Tensor:
     [7.0]
     """
     batched = image.dim() == 4
-    x = (image if batched else image.unsqueeze(0)).float()
+    x = image if batched else image.unsqueeze(0)
     size = (int(size_hw[0]), int(size_hw[1]))
-    if tuple(x.shape[-2:]) != size:
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
-        # cv2 writes uint8 with round-half-up; floor(x + 0.5) reproduces that (torch.round is half-to-even).
-        x = torch.floor(x + 0.5).clamp_(0, 255)
-    return x if batched else x.squeeze(0)
+    if tuple(x.shape[-2:]) == size:
+        out = x.float()
+    else:
+        out = torch.empty((x.shape[0], x.shape[1], *size), dtype=torch.float32, device=x.device)
+        for c in range(x.shape[1]):  # a plane at a time: all of a 48-megapixel photo in float32 is 576 MB
+            # contiguous: the NCHW kernel whatever the input's strides (channels_last rounds differently)
+            plane = F.interpolate(x[:, c:c + 1].float().contiguous(), size=size, mode="bilinear",
+                                  align_corners=False, antialias=False)
+            # cv2 writes uint8 with round-half-up; floor(x + 0.5) reproduces that (torch.round is half-to-even).
+            out[:, c:c + 1] = torch.floor(plane + 0.5).clamp_(0, 255)
+    return out if batched else out.squeeze(0)
 
 
 def resize_mask(mask: torch.Tensor, size_hw: Sequence[int]) -> torch.Tensor:

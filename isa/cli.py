@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full `isa` parser, with every sub-command."""
     from zoo.hub import DEFAULT_CACHE_DIR, ENV_HOME
 
-    from . import bench, demo, evaluation, training
+    from . import bench, demo, evaluation, export, training
 
     parser = argparse.ArgumentParser(prog="isa", description="ISANet model zoo with fused Triton attention")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_parsers(sub)
     training.add_parser(sub)
     bench.add_parser(sub)
+    export.add_parser(sub)
     demo.add_parser(sub)
     return parser
 

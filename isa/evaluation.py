@@ -71,6 +71,9 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--classes", type=Path, metavar="DATASET_JSON",
                    help="replace the class names/palette (a folder dataset's dataset.json)")
     p.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay [0.5]")
+    p.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"),
+                   help="torch, or onnxruntime to run --weights FILE.onnx written by `isa export --dynamic` on the "
+                        "CPU without the PyTorch model (pip install -e '.[export]') [torch]")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                    help=f"refuse larger images (decompression-bomb guard) [{MAX_PIXELS}; 0: no limit]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -100,7 +103,8 @@ def segmenter_from_args(args: argparse.Namespace, **kwargs: Any):
     if weights is None:
         weights = "auto"
     return Segmenter(args.model, weights=None if weights == "none" else weights, device=args.device,
-                     dtype=args.dtype, backend=args.backend, scale_wh=args.test_scale, **kwargs)
+                     dtype=args.dtype, backend=args.backend, scale_wh=args.test_scale,
+                     runtime=getattr(args, "runtime", "torch"), **kwargs)
 
 
 def _random_init(args: argparse.Namespace) -> bool:

@@ -79,3 +79,16 @@ def test_train_set_maps_a_custom_ignore_index_to_255():
     ts = TrainSet(reader, build_train_transforms((32, 32), (70, 50), ratio_range=(1.0, 1.0), photometric=False))
     _, label = ts[(0, 1)]
     assert torch.all(label == 255)
+
+
+def test_train_set_with_the_fast_pipeline_hands_over_uint8_that_normalises_to_the_reference():
+    from train.pipeline import RecipePipeline, normalize_batch
+
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    fast = TrainSet(_Reader(), RecipePipeline((32, 32), (128, 32)))
+    ref = TrainSet(_Reader(), build_train_transforms((32, 32), (128, 32), mean=mean, std=std))
+    batch = collate([fast[(i, 40 + i)] for i in range(3)])
+    assert batch[0].dtype == torch.uint8 and batch[1].dtype == torch.int16
+    images, labels = normalize_batch(*batch, mean, std)
+    want = collate([ref[(i, 40 + i)] for i in range(3)])
+    assert torch.equal(images, want[0]) and torch.equal(labels, want[1])

@@ -24,6 +24,8 @@ from typing import Any, Iterator, List, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from .pipeline import RecipePipeline, decode_image_fast
+
 IGNORE_INDEX = 255
 _MASK64 = (1 << 64) - 1
 
@@ -95,7 +97,13 @@ class IterationBatchSampler(Sampler):
 
 
 class TrainSet(Dataset):
-    """Wraps an `eval.datasets` reader: `[(index, seed)] -> (image float (3,H,W), label int64 (H,W))`.
+    """Wraps an `eval.datasets` reader: `[(index, seed)] -> (image, label)` through `transforms`.
+
+    With a `train.pipeline.RecipePipeline` (what training uses) the image is decoded with
+    `decode_image_fast` (the reader's Pillow decode is the fallback, and raises its named errors), the
+    mask comes from the reader's checked `load_mask`, and the sample is `(uint8 (3, h, w), int16 (h, w))`
+    to be finished by `normalize_batch` on the device. With the reference v2 pipeline
+    (`build_train_transforms`) it is `(float (3, h, w), int64 (h, w))`, as the reader returns it.
 
     The transform runs under `torch.random.fork_rng` seeded with the sample's seed, so it neither
     reads nor disturbs the caller's RNG. A reader whose ignore_index is not 255 is remapped to 255,
@@ -105,23 +113,40 @@ class TrainSet(Dataset):
     def __init__(self, base: Any, transforms: Any):
         self.base = base
         self.transforms = transforms
+        self.fast = isinstance(transforms, RecipePipeline)
         self.ignore_index = int(getattr(base, "ignore_index", IGNORE_INDEX))
         num_classes = int(getattr(base, "num_classes", 0))
         if num_classes > IGNORE_INDEX:
             raise ValueError(f"{num_classes} classes collide with the ignore label 255 used in training")
+        if self.fast:
+            transforms.warm_up()  # its tables are built here, once, and shared by forked workers
 
     def __len__(self) -> int:
         return len(self.base)
 
+    def _read(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.fast and hasattr(self.base, "load_mask") and hasattr(self.base, "samples"):
+            image = decode_image_fast(self.base.samples[index].image_path)
+            if image is not None:
+                mask = self.base.load_mask(index)
+                if tuple(image.shape[-2:]) == tuple(mask.shape):
+                    return image, mask
+        # the reader's own path: Pillow, and its named errors (corrupt image, size mismatch, ...)
+        image, mask, _meta = self.base[index]
+        return image, mask
+
     def __getitem__(self, key: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
         index, seed = key
-        image, mask, _meta = self.base[index]
+        image, mask = self._read(index)
         if self.ignore_index != IGNORE_INDEX:
             mask = mask.masked_fill(mask == self.ignore_index, IGNORE_INDEX)
+        if self.fast and mask.dtype != torch.uint8:
+            mask = mask.to(torch.uint8)  # values are now < 256 (classes <= 255, ignore 255)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             image, mask = self.transforms(image, mask)
-        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).to(torch.int64)
+        image, label = image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+        return image, (label if self.fast else label.to(torch.int64))
 
 
 def collate(batch: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +166,11 @@ def _ignore_interrupts(_worker_id: int) -> None:
 
 def build_loader(train_set: TrainSet, batch_sampler: IterationBatchSampler, num_workers: int = 0,
                  pin_memory: bool = False) -> DataLoader:
-    """DataLoader over the endless batch sampler; its own generator keeps the global RNG untouched."""
+    """DataLoader over the endless batch sampler; its own generator keeps the global RNG untouched.
+
+    The sampler never ends, so the workers already live as long as the run (`persistent_workers` would
+    change nothing); pin_memory (on CUDA) lets the uint8 batches go to the device asynchronously.
+    """
     return DataLoader(train_set, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate,
                       pin_memory=pin_memory, generator=torch.Generator(), worker_init_fn=_ignore_interrupts,
                       persistent_workers=False, prefetch_factor=2 if num_workers > 0 else None)

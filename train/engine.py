@@ -49,7 +49,7 @@ from .loss import isanet_loss
 from .lock import WorkDirLock
 from .plot import plot_curves, read_log
 from .schedule import PolyLR
-from .transforms import build_train_transforms
+from .pipeline import RecipePipeline, normalize_batch
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,7 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
     start_iter = run_kwargs.get("start_iter", 0)
     sampler = IterationBatchSampler(len(train_set), per_gpu_batch, seed=cfg.seed, world_size=ctx.world_size,
                                     rank=ctx.rank, start_iteration=start_iter)
-    transforms = build_train_transforms(cfg.crop_size, cfg.img_scale, cfg.ratio_range, cfg.cat_max_ratio,
-                                        mean=inner.config.mean, std=inner.config.std)
+    transforms = RecipePipeline(cfg.crop_size, cfg.img_scale, cfg.ratio_range, cfg.cat_max_ratio)  # uint8 out
     loader = build_loader(TrainSet(train_set, transforms), sampler, num_workers=_workers(cfg, ctx),
                           pin_memory=device.type == "cuda")
     run = Run(cfg, ctx, work, train_set, val_set, model, inner, optimizer, scheduler, scaler,
@@ -226,8 +225,10 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, iteration: 
     Raises TrainingDiverged (naming the last good checkpoint) when the loss is not finite.
     """
     cfg, device = run.cfg, run.ctx.device
-    images = images.to(device, non_blocking=True)
-    labels = labels.to(device, non_blocking=True)
+    # the worker's uint8 crops are normalised here, on the device, and its padding marks become image 0 /
+    # label 255 (MMSeg's data preprocessor; bit-identical to normalising in the worker)
+    images, labels = normalize_batch(images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                                     run.inner.config.mean, run.inner.config.std)
     autocast = (torch.autocast(device.type, dtype=run.amp_dtype) if run.amp_dtype is not None
                 else contextlib.nullcontext())
     with autocast:

@@ -28,7 +28,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torchvision.transforms.v2 as v2
@@ -56,6 +56,19 @@ def _find(flat_inputs: List[Any], kind: type) -> Optional[torch.Tensor]:
         if isinstance(x, kind):
             return x
     return None
+
+
+def resize_image_exact(image: torch.Tensor, size_hw: Sequence[int]) -> torch.Tensor:
+    """The train pipeline's image resize: (3, H, W) uint8 -> uint8, the test pipeline's resize
+    (`zoo.transforms.resize_image`: cv2 INTER_LINEAR semantics, uint8 rounding), so train and test images
+    are resampled the same way.
+
+    The channels go through `F.interpolate` as a batch of three one-channel images: for a 3-channel
+    image on one thread PyTorch switches to another bilinear kernel whose float32 rounding differs
+    (a handful of pixels by one grey level), so resizing the channels separately keeps the result the
+    same whatever the thread count (a DataLoader worker runs one thread).
+    """
+    return resize_image(image.unsqueeze(1), list(size_hw)).squeeze(1).to(torch.uint8)
 
 
 class RandomRescale(_Transform):
@@ -86,18 +99,17 @@ class RandomRescale(_Transform):
     def transform(self, inpt: Any, params: Dict[str, Any]) -> Any:
         size = list(params["size_hw"])
         if isinstance(inpt, tv_tensors.Image) and inpt.dtype == torch.uint8:
-            # the test pipeline's resize (cv2 INTER_LINEAR semantics, uint8 rounding), so train and
-            # test images are resampled the same way
-            out = resize_image(inpt.as_subclass(torch.Tensor), size).to(torch.uint8)
-            return tv_tensors.wrap(out, like=inpt)
+            return tv_tensors.wrap(resize_image_exact(inpt.as_subclass(torch.Tensor), size), like=inpt)
         # masks: nearest (torchvision's kernel for Mask, cv2 INTER_NEAREST's floor rule)
         return TF.resize(inpt, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
 
 
 def crop_is_acceptable(mask_crop: torch.Tensor, cat_max_ratio: float, ignore_index: int = IGNORE_INDEX) -> bool:
     """MMSeg's crop check: > 1 non-ignored class and the largest class share < cat_max_ratio."""
-    labels, counts = torch.unique(mask_crop, return_counts=True)
-    counts = counts[labels != ignore_index]
+    flat = mask_crop.reshape(-1)
+    counts = torch.bincount(flat if flat.dtype == torch.uint8 else flat.to(torch.int64), minlength=ignore_index + 1)
+    counts[ignore_index] = 0
+    counts = counts[counts > 0]
     return len(counts) > 1 and counts.max().item() / counts.sum().item() < cat_max_ratio
 
 
@@ -126,15 +138,20 @@ class CatMaxRandomCrop(_Transform):
 
     def make_params(self, flat_inputs: List[Any]) -> Dict[str, Any]:
         h, w = v2.query_size(flat_inputs)
+        mask = _find(flat_inputs, tv_tensors.Mask)
+        window = None if mask is None else (lambda top, left, ch, cw: mask[..., top:top + ch, left:left + cw])
+        return self.choose_box(h, w, window)
+
+    def choose_box(self, h: int, w: int, window: Optional[Callable[[int, int, int, int], torch.Tensor]]
+                   ) -> Dict[str, Any]:
+        """The crop box of an (h, w) image; `window(top, left, height, width)` gives the mask inside a box
+        (None: no mask, no check). The fast pipeline passes a window that resizes only that box."""
         box = self._draw(h, w)
         checks = 0
-        mask = _find(flat_inputs, tv_tensors.Mask)
-        if self.cat_max_ratio < 1.0 and mask is not None:
+        if self.cat_max_ratio < 1.0 and window is not None:
             for _ in range(self.max_checks):
                 checks += 1
-                top, left, ch, cw = box
-                if crop_is_acceptable(mask[..., top:top + ch, left:left + cw], self.cat_max_ratio,
-                                      self.ignore_index):
+                if crop_is_acceptable(window(*box), self.cat_max_ratio, self.ignore_index):
                     break
                 box = self._draw(h, w)
         return {"box": box, "checks": checks}
@@ -149,21 +166,22 @@ class CatMaxRandomCrop(_Transform):
 # cv::HSV2RGB_b (float32 maths), the arithmetic `mmcv.bgr2hsv` / `mmcv.hsv2bgr` run on uint8 images.
 # --------------------------------------------------------------------------------------------
 _HSV_SHIFT = 12
-_SDIV = torch.tensor([0] + [round((255 << _HSV_SHIFT) / (1.0 * i)) for i in range(1, 256)], dtype=torch.int64)
-_HDIV180 = torch.tensor([0] + [round((180 << _HSV_SHIFT) / (6.0 * i)) for i in range(1, 256)], dtype=torch.int64)
+_SDIV = torch.tensor([0] + [round((255 << _HSV_SHIFT) / (1.0 * i)) for i in range(1, 256)], dtype=torch.int32)
+_HDIV180 = torch.tensor([0] + [round((180 << _HSV_SHIFT) / (6.0 * i)) for i in range(1, 256)], dtype=torch.int32)
 
 
 def rgb_to_hsv_uint8(img: torch.Tensor) -> torch.Tensor:
     """(3, H, W) uint8 RGB -> uint8 HSV exactly as `cv2.cvtColor(bgr, COLOR_BGR2HSV)` (H in [0, 180))."""
-    r, g, b = img.to(torch.int64).unbind(0)
+    # int32 holds every intermediate: diff * sdiv < 2**28, |h| * hdiv < 2**28
+    r, g, b = img.to(torch.int32).unbind(0)
     v = torch.maximum(torch.maximum(r, g), b)
     vmin = torch.minimum(torch.minimum(r, g), b)
     diff = v - vmin
     half = 1 << (_HSV_SHIFT - 1)
-    s = torch.div(diff * _SDIV[v] + half, 1 << _HSV_SHIFT, rounding_mode="floor")
+    s = (diff * _SDIV.index_select(0, v.reshape(-1)).view(v.shape) + half) >> _HSV_SHIFT  # floor division
     # OpenCV tests v == r first, then v == g
     h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
-    h = torch.div(h * _HDIV180[diff] + half, 1 << _HSV_SHIFT, rounding_mode="floor")
+    h = (h * _HDIV180.index_select(0, diff.reshape(-1)).view(diff.shape) + half) >> _HSV_SHIFT  # arithmetic shift
     h = torch.where(h < 0, h + 180, h)
     return torch.stack([h, s, v]).to(torch.uint8)
 
@@ -192,9 +210,10 @@ def hsv_to_rgb_uint8(hsv: torch.Tensor) -> torch.Tensor:
     t3 = (1.0 - s.to(f64) * (one - frac).to(f64)).to(f32)
     tab = torch.stack([v, v * (one - s), v * t2, v * t3])  # (4, H, W)
     # OpenCV's sector_data: the (b, g, r) rows of `tab` for each of the 6 hue sectors
-    sector_bgr = torch.tensor([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]])
-    idx = sector_bgr[sector.to(torch.int64).clamp_(0, 5)]  # (H, W, 3)
-    bgr = torch.gather(tab, 0, idx.permute(2, 0, 1)) * torch.tensor(255.0, dtype=f32)  # (3, H, W)
+    sector_bgr = torch.tensor([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]]).T.contiguous()
+    sectors = sector.to(torch.int32).clamp_(0, 5).reshape(-1)
+    idx = torch.stack([row.index_select(0, sectors) for row in sector_bgr]).view(3, *hsv.shape[1:])
+    bgr = torch.gather(tab, 0, idx) * torch.tensor(255.0, dtype=f32)  # (3, H, W)
     out = torch.trunc(bgr)
     tail = (hsv.shape[-1] // _OPENCV_BLOCK) * _OPENCV_BLOCK
     if tail < hsv.shape[-1]:

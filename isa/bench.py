@@ -207,6 +207,28 @@ def _kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    from train.bench import bench_data, format_result, make_benchmark_data
+
+    data_root = args.data_root
+    if args.make_data:
+        dataset = "ade20k" if "ade20k" in args.recipe else "cityscapes"
+        data_root = str(make_benchmark_data(args.data_root, dataset, args.make_data))
+        print(f"wrote {args.make_data} {dataset} training pairs under {data_root}")
+    rows = [bench_data(args.recipe, data_root, workers=w, samples=args.samples, warmup=args.warmup,
+                       batch_size=args.batch_size) for w in args.workers]
+    for row in rows:
+        print(format_result(row))
+    if len(rows) > 1 and rows[0]["workers"] > 0:
+        print(f"loader scaling: {rows[-1]['samples_per_s'] / rows[0]['samples_per_s']:.2f}x from "
+              f"{rows[0]['workers']} to {rows[-1]['workers']} workers")
+    result = rows[0] if len(rows) == 1 else {"recipe": args.recipe, "rows": rows}
+    if args.json:
+        _write_json(args.json, result)
+    print(json.dumps({k: v for k, v in result.items() if k != "ms_all"}))
+    return 0
+
+
 def add_parser(subparsers: Any) -> None:
     """Register `isa bench model` and `isa bench kernels`."""
     from isa_triton import bench as kernel_bench
@@ -244,3 +266,20 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--rep", type=int, default=40, help="do_bench repetition time (ms)")
     p.add_argument("--budget", type=float, default=0, help="skip what is left after this many seconds (0: none)")
     p.set_defaults(func=_kernels)
+
+    p = sub.add_parser("data", help="time the recipe's training data pipeline per sample (one core) and the loader",
+                       description="Decode, ratio resize, crop, flip, photometric distortion and pad of a recipe, "
+                       "as `isa train` runs them. --workers 0: one process on one thread, ms per sample after a "
+                       "warm-up; --workers N: the DataLoader's samples per second. MMSegmentation's own pipeline "
+                       "is timed beside it by tools/mmseg_pipeline_reference.py.")
+    p.add_argument("--recipe", required=True, help="a variant name, e.g. isanet_r50-d8_512x1024_40k_cityscapes")
+    p.add_argument("--data-root", required=True, help="the dataset (Cityscapes / ADE20K layout)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0], help="0: one process; N: DataLoader workers "
+                   "(several values: one row each) [0]")
+    p.add_argument("--samples", type=int, default=24, help="timed samples [24]")
+    p.add_argument("--warmup", type=int, default=4, help="untimed samples (or batches) first [4]")
+    p.add_argument("--batch-size", type=int, default=2, help="loader batch with --workers N [2]")
+    p.add_argument("--make-data", type=int, default=0, metavar="N",
+                   help="first write N synthetic training pairs at the recipe's sizes under --data-root")
+    p.add_argument("--json", metavar="FILE", help="write the result here")
+    p.set_defaults(func=_data)

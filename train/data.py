@@ -18,11 +18,15 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import signal
-from typing import Any, Iterator, List, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from eval.datasets import read_mask
 
 from .pipeline import RecipePipeline, decode_image_fast
 
@@ -128,12 +132,31 @@ class TrainSet(Dataset):
         if self.fast and hasattr(self.base, "load_mask") and hasattr(self.base, "samples"):
             image = decode_image_fast(self.base.samples[index].image_path)
             if image is not None:
-                mask = self.base.load_mask(index)
+                mask = self._mask(index)
                 if tuple(image.shape[-2:]) == tuple(mask.shape):
                     return image, mask
         # the reader's own path: Pillow, and its named errors (corrupt image, size mismatch, ...)
         image, mask, _meta = self.base[index]
         return image, mask
+
+    def _mask(self, index: int) -> torch.Tensor:
+        """The reader's `load_mask(index)`, through a 256-entry table when the stored mask is 8-bit.
+
+        The table is the reader's own mapping (`reduce_zero_label_`) of every stored value; a mask with
+        a value that maps outside the classes goes to `load_mask`, which raises its named error.
+        """
+        base = self.base
+        if base.meta.label_map or getattr(base, "mask_palette", None) is not None:
+            return base.load_mask(index)
+        raw = read_mask(base.samples[index].mask_path)
+        if raw.dtype != np.uint8 or raw.ndim != 2:
+            return base.load_mask(index)
+        lut, valid = _label_table(bool(base.reduce_zero_label), int(base.ignore_index), int(base.num_classes))
+        mask = torch.from_numpy(np.array(raw))  # (Pillow's array is read-only)
+        present = torch.bincount(mask.reshape(-1), minlength=256) > 0
+        if bool((present & ~valid).any()):
+            return base.load_mask(index)
+        return mask if lut is None else lut.index_select(0, mask.reshape(-1).to(torch.int32)).view(mask.shape)
 
     def __getitem__(self, key: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
         index, seed = key
@@ -147,6 +170,20 @@ class TrainSet(Dataset):
             image, mask = self.transforms(image, mask)
         image, label = image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
         return image, (label if self.fast else label.to(torch.int64))
+
+
+@functools.lru_cache(maxsize=8)
+def _label_table(reduce_zero_label: bool, ignore_index: int, num_classes: int
+                 ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(label of each stored 8-bit value, or None for the identity; whether each stored value is valid)."""
+    from eval.metrics import reduce_zero_label_
+
+    stored = torch.arange(256)
+    label = reduce_zero_label_(stored, ignore_index) if reduce_zero_label else stored
+    valid = ((label >= 0) & (label < num_classes)) | (label == ignore_index)
+    if not reduce_zero_label:
+        return None, valid
+    return label.clamp(0, 255).to(torch.uint8), valid
 
 
 def collate(batch: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:

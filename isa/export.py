@@ -67,8 +67,9 @@ def add_parser(subparsers: Any) -> None:
                    help="batch, height and width free at run time (any H, W >= 32); what `isa predict --runtime "
                         "onnxruntime` needs, since the test pipeline resizes each image to its own size")
     p.add_argument("--out", required=True, metavar="FILE", help="destination, ending in .onnx or .pt2")
-    p.add_argument("--backend", default="eager", choices=("eager", "sdpa", "triton"),
-                   help="attention in the graph [eager]; triton cannot be exported")
+    p.add_argument("--backend", default="eager", choices=("eager", "triton"),
+                   help="attention in the graph: eager (permute + matmul + softmax) [eager]; triton (the fused "
+                        "CUDA kernels) cannot be exported yet")
     p.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (>= 17) [{ONNX_OPSET}]")
     p.add_argument("--batch-size", type=int, default=1, help="batch size traced (static exports keep it) [1]")
     p.add_argument("--device", default="cpu", help="pt2: the device the package is compiled for [cpu]")

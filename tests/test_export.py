@@ -111,11 +111,11 @@ def dynamic_onnx(r50, tmp_path_factory) -> Path:
     pytest.param(R101, (65, 97), id="r101-65x97", marks=pytest.mark.slow),
     pytest.param(R101, (64, 64), id="r101-64x64", marks=pytest.mark.slow),
 ])
-def test_onnx_export_matches_pytorch_fp32_logits(name, size, r50, static_onnx, tmp_path):
+def test_onnx_export_matches_pytorch_fp32_logits(name, size, r50, request, tmp_path):
     """65x97: odd, its 9x13 feature map is padded to 16x16; 64x64: an 8x8 map, no padding."""
     needs_onnx()
-    if (name, size) == (R50, (65, 97)):
-        model, path = r50, static_onnx
+    if (name, size) == (R50, (65, 97)):  # the export other tests share
+        model, path = r50, request.getfixturevalue("static_onnx")
     else:
         model = seeded_model(name)
         path = export_model(model, tmp_path / "model.onnx", size=size)

@@ -133,6 +133,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # files are written atomically: nothing half-written is left behind
+        print(f"isa {args.command}: interrupted (Ctrl-C); files already written are complete", file=sys.stderr)
+        return 130
     except (KeyError, ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"isa {args.command}: error: {message}", file=sys.stderr)

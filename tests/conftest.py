@@ -10,7 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # what a parent pytest may carry that would change a child training process
-_CHILD_UNSET = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ISA_TRAIN_KILL_AT")
+_CHILD_UNSET = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ISA_TRAIN_KILL_AT",
+               "ISA_TRAIN_INTERRUPT_AT")
 
 
 @pytest.fixture

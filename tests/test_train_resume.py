@@ -56,6 +56,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights_bit_for_bit(tmp_pat
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "iter_3.pt" in resumed.stderr and "corrupt" in resumed.stderr
     assert "resumed from" in resumed.stderr and "iter_2.pt" in resumed.stderr
+    assert "taking over" in resumed.stderr  # the killed run's work-dir lock
     out, _ = reference.communicate(timeout=300)
     assert reference.returncode == 0, out
 
@@ -74,3 +75,38 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights_bit_for_bit(tmp_pat
             assert ra["mIoU"] == rb["mIoU"]
     assert (crashed / "curves.png").is_file()
     assert not any(p.name.startswith(".") for p in (crashed / "checkpoints").iterdir())  # temporaries cleaned
+
+
+def _same_weights(a_dir: Path, b_dir: Path) -> None:
+    a = load_file(str(a_dir / "model.safetensors"))
+    b = load_file(str(b_dir / "model.safetensors"))
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert a.keys() == b.keys() and not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.parametrize("where, stopped_after", [
+    pytest.param("iter:3", 3, id="mid-iteration"),
+    pytest.param("write:2", 3, id="during-a-checkpoint-write", marks=pytest.mark.slow),
+])
+def test_ctrl_c_stops_cleanly_and_resume_gives_the_uninterrupted_weights(tmp_path, child_env, where, stopped_after):
+    """SIGINT: the step (or the checkpoint write) completes, a checkpoint of it is written, exit 130 with the
+    resume command and no traceback, no temporary file; --resume then ends bit-identical to a straight run."""
+    data = make_synthetic_dataset(tmp_path / "data", num_train=6, num_val=1, size_hw=(72, 80))
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    reference = subprocess.Popen(_train_cmd(data, straight), env=child_env(), cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = subprocess.run(_train_cmd(data, stopped), env=child_env(ISA_TRAIN_INTERRUPT_AT=where), cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 130, run.stdout + run.stderr
+    assert "Traceback" not in run.stderr
+    assert f"after iteration {stopped_after}" in run.stderr and "--resume" in run.stderr.splitlines()[-1]
+    names = sorted(p.name for p in (stopped / "checkpoints").iterdir())
+    assert f"iter_{stopped_after}.pt" in names and not any(n.startswith(".") for n in names)
+    assert not (stopped / ".lock").exists()  # released on the way out
+
+    resumed = subprocess.run(_train_cmd(data, stopped, "--resume"), env=child_env(), cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    out, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, out
+    _same_weights(straight, stopped)

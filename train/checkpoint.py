@@ -44,13 +44,18 @@ def checkpoint_path(work_dir: PathLike, iteration: int) -> Path:
 
 
 def fault_point(stage: str, iteration: int) -> None:
-    """Fault injection for the crash tests: SIGKILL this process at a chosen point.
+    """Fault injection for the crash tests: signal this process at a chosen point.
 
-    ISA_TRAIN_KILL_AT="iter:N" kills during iteration N (after its backward, before the optimizer
-    step); "write:N" kills after checkpoint N's temporary file is written, before its rename.
+    ISA_TRAIN_KILL_AT="iter:N" sends SIGKILL during iteration N (after its backward, before the optimizer
+    step); "write:N" after checkpoint N's temporary file is written, before its rename.
+    ISA_TRAIN_INTERRUPT_AT takes the same values and sends SIGINT instead (a Ctrl-C at that point).
     """
-    if os.environ.get("ISA_TRAIN_KILL_AT") == f"{stage}:{iteration}":
-        import signal
+    import signal
+
+    where = f"{stage}:{iteration}"
+    if os.environ.get("ISA_TRAIN_INTERRUPT_AT") == where:
+        os.kill(os.getpid(), signal.SIGINT)
+    if os.environ.get("ISA_TRAIN_KILL_AT") == where:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -435,6 +435,9 @@ def _loop(run: Run, stop: _StopSignals) -> Dict[str, Any]:
             t_data = time.perf_counter() - t_last
             lr = run.optimizer.param_groups[0]["lr"]
             values, stopping = train_step(run, images, labels, n_done, stop.signum is not None)
+            # one process stops after the step the signal came in; ranks agree one step later (the flag
+            # rides with the next step's loss all-reduce)
+            stopping = stopping or (not ctx.distributed and stop.signum is not None)
             final_loss = values["loss"]
 
             now = time.perf_counter()

@@ -83,7 +83,9 @@ def to_rgb_tensor(image: Any, max_pixels: Optional[int] = MAX_PIXELS) -> torch.T
         check_pixels(image.width, image.height, max_pixels, "(PIL image)")
         return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
     if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.ascontiguousarray(image))
+        if not image.flags.writeable or any(stride < 0 for stride in image.strides):
+            image = image.copy()  # read-only (np.asarray of a PIL image) or flipped views: torch takes neither
+        image = torch.from_numpy(image)
         channels_first = False
     elif isinstance(image, torch.Tensor):
         image = image.detach().cpu()

@@ -81,6 +81,9 @@ class WriteError(OSError):
     """A file that could not be written (disk full, no permission, read-only); one line says which
     file, why, how much space is free and that the previous file, if any, was kept."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 def _free_bytes(folder: Path) -> Optional[int]:
     for candidate in (folder, *folder.parents):
@@ -108,10 +111,8 @@ def write_error(path: PathLike, exc: OSError) -> WriteError:
               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
               errno.EROFS: "the file system is read-only"}.get(exc.errno or -1, exc.strerror or str(exc))
     kept = "the previous version was kept" if path.exists() else "nothing was written"
-    error = WriteError(exc.errno, f"cannot write {path}: {reason} ({_human(_free_bytes(path.parent))} free "
-                                  f"in {path.parent}); {kept}")
-    error.filename = str(path)
-    return error
+    return WriteError(exc.errno, f"cannot write {path}: {reason} ({_human(_free_bytes(path.parent))} free in "
+                                 f"{path.parent}); {kept}")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -156,6 +157,11 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], Any],
         raise
     except OSError as exc:
         raise write_error(path, exc) from exc
+    except RuntimeError as exc:  # torch.save's zip writer reports a full disk as "unexpected pos ..."
+        free = _free_bytes(path.parent)
+        cause = errno.ENOSPC if free is not None and free < (64 << 20) else errno.EIO
+        raise write_error(path, OSError(cause, str(exc).strip().splitlines()[0] if str(exc).strip() else
+                                        type(exc).__name__)) from exc
     finally:
         if tmp.exists():
             try:

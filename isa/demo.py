@@ -170,12 +170,12 @@ def comparison_png(rows: Sequence[Dict[str, np.ndarray]], classes: Sequence[str]
 def gpu_kernel_bench(out: Path, budget_s: int = 240) -> Dict[str, Any]:
     """`isa bench kernels` in a subprocess (its table streams to this terminal); rows saved as JSON."""
     path = out / "bench_kernels.json"
-    command = [sys.executable, "-m", "isa", "bench", "kernels", "--json", str(path), "--budget", str(budget_s)]
+    command = [sys.executable, "-m", "isa", "bench", "kernels", "--out", str(path), "--budget", str(budget_s)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(_PROJECT_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     sys.stdout.flush()
     code = subprocess.call(command, env=env)
-    return {"command": "isa bench kernels --json " + str(path) + f" --budget {budget_s}", "exit_code": code,
+    return {"command": "isa bench kernels --out " + str(path) + f" --budget {budget_s}", "exit_code": code,
             "json": str(path) if path.is_file() else None}
 
 

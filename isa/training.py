@@ -74,7 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help="continue from the newest complete checkpoint in --work-dir")
     run.add_argument("--seed", type=int)
     run.add_argument("--device", help="auto, cpu, cuda [auto]")
-    run.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (autocast); default fp32 as published")
+    run.add_argument("--dtype", "--amp", dest="amp", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+                     help="autocast dtype of the forward pass (mixed precision); float32 as published [float32]")
     run.add_argument("--backend", choices=["auto", "triton", "eager", "sdpa"], help="ISA attention backend [auto]")
     run.add_argument("--workers", type=int, metavar="N",
                      help="data workers per process (cuda: the recipe's 2/4 or more, up to 8; cpu: 0)")
@@ -97,6 +98,9 @@ def config_from_args(args: argparse.Namespace):
     for key in ("crop_size", "img_scale", "ratio_range", "test_scale"):
         if key in common:
             common[key] = tuple(common[key])
+    if "amp" in common:  # one dtype vocabulary with eval/predict; TrainConfig.amp keeps MMSeg's short names
+        common["amp"] = {"float32": None, "fp32": None, "bfloat16": "bf16", "float16": "fp16"}.get(
+            common["amp"], common["amp"])
     common.update(progress=not args.no_progress, check_data=not args.no_check_data)
     if args.recipe:
         if not args.data_root:

@@ -17,7 +17,6 @@ configurations are skipped once --budget-s seconds have passed, so the script en
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -31,8 +30,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def bench_one(name: str, backend: str, dtype: str, batch: int, crop_hw: List[int], warmup: int,
               iters: int, device: str = "cuda") -> Dict[str, Any]:
@@ -40,6 +37,8 @@ def bench_one(name: str, backend: str, dtype: str, batch: int, crop_hw: List[int
     from train.loss import isanet_loss
     from train.schedule import PolyLR
     from zoo import create_model
+    from zoo.inference import autocast
+    from zoo.utils import parse_dtype
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
@@ -53,7 +52,7 @@ def bench_one(name: str, backend: str, dtype: str, batch: int, crop_hw: List[int
     x = torch.randn(batch, 3, h, w, device=dev, generator=g)
     y = torch.randint(0, model.num_classes, (batch, h, w), device=dev, generator=g)
     y[torch.rand(batch, h, w, device=dev, generator=g) < 0.05] = 255
-    cast = torch.autocast(dev.type, dtype=DTYPES[dtype]) if DTYPES[dtype] else contextlib.nullcontext()
+    cast = autocast(dev, parse_dtype(dtype))
 
     def step() -> torch.Tensor:
         with cast:
@@ -99,7 +98,7 @@ def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="isanet_r50-d8_512x1024_40k_cityscapes")
     p.add_argument("--backends", nargs="+", default=["eager", "triton"])
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--batch", type=int, help="per-GPU batch (default: the recipe's samples_per_gpu)")
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="default: the recipe's crop")
     p.add_argument("--warmup", type=int, default=3)

@@ -41,6 +41,8 @@ def test_training_writes_best_weights_and_the_resolved_config(trained):
     assert config["eval_scale"] == [128, 32] and config["train_images"] == 4
     best = result["best"]
     assert best is not None and best["mIoU"] == max(m["mIoU"] for m in result["history"])
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in logged if r.get("best")][-1] == best["iter"]
     meta = read_metadata(result["best_weights"])
     assert int(meta["best_iter"]) == best["iter"] and float(meta["best_mIoU"]) == pytest.approx(best["mIoU"])
     assert json.loads(meta["classes"]) == CLASSES and json.loads(meta["test_scale_wh"]) == [128, 32]

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from zoo.utils import resolve_device
+
 
 @dataclass
 class DistContext:
@@ -37,26 +39,12 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda:LOCAL_RANK when CUDA is available, else cpu; 'cuda' -> cuda:LOCAL_RANK."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False; "
-                               "use --device cpu or install a CUDA build of PyTorch")
-        return torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
-    if device != "cpu":
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    return torch.device("cpu")
-
-
 def setup(device: str = "auto") -> DistContext:
     """Join the torchrun process group if the environment defines one; pick this rank's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank)  # the one device picker (zoo.utils)
     ctx = DistContext(rank, world_size, local_rank, dev)
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         if dev.type == "cuda":

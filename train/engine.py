@@ -267,10 +267,11 @@ def evaluate_run(run: Run, iteration: int) -> Dict[str, Any]:
     keep = ("aAcc", "mIoU", "mAcc", "IoU", "Acc", "num_images")
     metrics = {"mode": "val", "iter": iteration, **{k: _finite(result[k]) for k in keep if k in result}}
     previous = run.best
+    metrics["best"] = metrics.get("mIoU") is not None and (previous is None or metrics["mIoU"] > previous["mIoU"])
     run.history.append(metrics)
     if run.ctx.is_main:
-        _append_jsonl(run.log_path, metrics)
-        if metrics.get("mIoU") is not None and (previous is None or metrics["mIoU"] > previous["mIoU"]):
+        _append_jsonl(run.log_path, metrics)  # "best": true marks the evaluation best.safetensors holds
+        if metrics["best"]:
             save_weights_file(run, run.best_path, iteration)
     return metrics
 

@@ -78,3 +78,12 @@ def test_curves_png_draws_loss_and_miou(tmp_path):
     pixels = np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3)
     colours = {tuple(int(v) for v in c) for c in np.unique(pixels, axis=0)}
     assert (31, 119, 180) in colours and (214, 39, 40) in colours  # the loss and the mIoU lines
+
+
+def test_resume_skips_a_checkpoint_with_non_finite_weights_naming_the_tensor(tmp_path):
+    good = {"model": {"w": torch.ones(2)}, "config": {}}
+    ckpt.save_checkpoint(good, tmp_path, 2)
+    ckpt.save_checkpoint({"model": {"w": torch.tensor([1.0, float("nan")])}, "config": {}}, tmp_path, 4)
+    with pytest.warns(RuntimeWarning, match="'w' has 1 NaN"):
+        state, path = ckpt.load_latest_checkpoint(tmp_path)
+    assert path.name == "iter_2.pt" and state["iteration"] == 2

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from zoo.reader import check_finite
 from zoo.utils import atomic_write
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     for key in ("iteration", "model"):
         if key not in state:
             raise ValueError(f"checkpoint {path} lacks {key!r}; it is incomplete")
+    check_finite(state["model"], path)  # a ValueError naming the tensor: --resume falls back past it
     return state
 
 

@@ -393,7 +393,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                         help="variant name, pattern or fragment (default r50-d8: a cached R-50-D8 variant if any)")
     parser.add_argument("--iters", type=int, default=None, help=f"fine-tuning iterations (default {FULL.iters})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda [auto]")
-    parser.add_argument("--out-dir", "--out", dest="out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
+    parser.add_argument("--out-dir", "--out", dest="out", default=DEFAULT_OUT,
+                        help=f"output folder (default ./{DEFAULT_OUT})")
     parser.add_argument("--seed", type=int, default=0, help="dataset and training seed (default 0)")
     parser.add_argument("--quick", action="store_true", help="toy sizes: every step once in well under a minute")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -129,7 +129,8 @@ def _dataset(args: argparse.Namespace, meta: Any):
     elif meta.classes == dataset_meta(config.dataset).classes:
         name, root = config.dataset, config.data_root
     else:
-        raise UsageError(f"these weights have {meta.num_classes} classes of their own: pass the dataset with --data DIR")
+        raise UsageError(f"these weights have {meta.num_classes} classes of their own: pass the dataset with "
+                         "--data DIR")
     if root is None:
         raise UsageError("--dataset folder needs --data DIR")
     dataset = build_dataset(name, root, args.split, num_classes=meta.num_classes)

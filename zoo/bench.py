@@ -44,7 +44,8 @@ def bench_model(name: str, size: Sequence[int] = (512, 1024), device: str = "cpu
     model = create_model(name, backend=backend).eval().to(dev)
     x = torch.randn(1, 3, *size, device=dev)
     result: Dict[str, object] = {"model": name, "size": list(size), "device": str(dev),
-                                 "dtype": dtype_name(cast_dtype), "threads": torch.get_num_threads(), "backend": backend,
+                                 "dtype": dtype_name(cast_dtype), "threads": torch.get_num_threads(),
+                                 "backend": backend,
                                  "torch": torch.__version__}
     fast = optimize_for_inference(model)
     x_cl = x.contiguous(memory_format=torch.channels_last)

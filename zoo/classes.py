@@ -117,7 +117,8 @@ def dataset_meta(name: str) -> DatasetMeta:
     try:
         return DATASETS[name]
     except KeyError:
-        raise KeyError(f"unknown dataset {name!r}; known: {sorted(DATASETS)} (or 'folder' with a dataset.json)") from None
+        raise KeyError(f"unknown dataset {name!r}; known: {sorted(DATASETS)} (or 'folder' with a "
+                       "dataset.json)") from None
 
 
 def default_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:

@@ -260,7 +260,8 @@ def convert_checkpoint(src: PathLike, dst: PathLike, name: str, *,
         and all(isinstance(n, str) for n in names) else None
     palette = [list(c) for c in palette] if isinstance(palette, (list, tuple)) and len(palette) == classes \
         and all(isinstance(c, (list, tuple)) and len(c) == 3 for c in palette) else None
-    extra = {f"source_{k}": meta[k] for k in ("mmseg_version", "mmcv_version", "exp_name") if isinstance(meta.get(k), str)}
+    extra = {f"source_{k}": meta[k] for k in ("mmseg_version", "mmcv_version", "exp_name")
+             if isinstance(meta.get(k), str)}
     model_meta = ModelMeta.for_variant(config, classes, names, palette, source_file=src.name,
                                        source_sha256=source_sha256, extra=extra)
     save_weights(tensors, dst, model_meta)

@@ -20,9 +20,10 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -232,129 +233,41 @@ def format_row(r: Dict) -> str:
 # --------------------------------------------------------------------------------------------
 # Optional config sweep of the Triton kernels (GPU only; the op itself never autotunes)
 # --------------------------------------------------------------------------------------------
-FWD_SWEEP = {
-    "contiguous": [
-        dict(kind="flash", BLOCK_M=128, BLOCK_N=64, BLOCK_DV=256, num_warps=8, num_stages=2),
-        dict(kind="flash", BLOCK_M=128, BLOCK_N=64, BLOCK_DV=128, num_warps=8, num_stages=3),
-        dict(kind="flash", BLOCK_M=128, BLOCK_N=32, BLOCK_DV=256, num_warps=8, num_stages=2),
-        dict(kind="flash", BLOCK_M=64, BLOCK_N=64, BLOCK_DV=512, num_warps=8, num_stages=2),
-        dict(kind="flash", BLOCK_M=64, BLOCK_N=32, BLOCK_DV=512, num_warps=8, num_stages=2),
-        # 96 KB of shared memory: two programs per SM
-        dict(kind="flash", BLOCK_M=64, BLOCK_N=32, BLOCK_DV=256, num_warps=4, num_stages=2),
-        dict(kind="flash", BLOCK_M=128, BLOCK_N=64, BLOCK_DV=256, num_warps=8, num_stages=1),
-        dict(kind="flash", BLOCK_M=128, BLOCK_N=32, BLOCK_DV=256, num_warps=8, num_stages=3),
-        # kernels._fwd_tma_kernel: Hopper bulk-tensor copies instead of per-thread loads (K/V multi-buffered
-        # through mbarriers, no address arithmetic in the loop); BLOCK_M/N rounded to whole rows of tokens
-        dict(kind="tma", BLOCK_M=128, BLOCK_N=64, BLOCK_DV=256, num_warps=8, num_stages=2),
-        dict(kind="tma", BLOCK_M=128, BLOCK_N=64, BLOCK_DV=256, num_warps=8, num_stages=3),
-        dict(kind="tma", BLOCK_M=128, BLOCK_N=32, BLOCK_DV=256, num_warps=8, num_stages=4),
-        dict(kind="tma", BLOCK_M=128, BLOCK_N=64, BLOCK_DV=128, num_warps=8, num_stages=3),
-        dict(kind="tma", BLOCK_M=64, BLOCK_N=64, BLOCK_DV=256, num_warps=4, num_stages=2),
-        dict(kind="tma", BLOCK_M=64, BLOCK_N=32, BLOCK_DV=256, num_warps=4, num_stages=3),
-    ],
-    "gather": [
-        dict(kind="flash", BLOCK_M=128, BLOCK_N=32, BLOCK_DV=128, num_warps=8, num_stages=2),
-        dict(kind="flash", BLOCK_M=128, BLOCK_N=32, BLOCK_DV=128, num_warps=8, num_stages=3),
-    ],
-}
-# Short-range forward (tile kernel, 64-token groups): DV_SPLIT spreads a group's Cv over programs,
-# for small batches whose 512 groups per image fill 132 SMs in 1.3 waves. First: the default.
-SHORT_FWD_SWEEP = [
-    dict(kind="tile", BLOCK_L=64, BLOCK_DK=128, BLOCK_DV=128, num_warps=4, num_stages=2),
-    dict(kind="tile", BLOCK_L=64, BLOCK_DK=128, BLOCK_DV=128, DV_SPLIT=2, num_warps=4, num_stages=2),
-    dict(kind="tile", BLOCK_L=64, BLOCK_DK=128, BLOCK_DV=128, DV_SPLIT=4, num_warps=4, num_stages=2),
-    dict(kind="tile", BLOCK_L=64, BLOCK_DK=64, BLOCK_DV=64, DV_SPLIT=2, num_warps=4, num_stages=2),
-    dict(kind="tile", BLOCK_L=64, BLOCK_DK=128, BLOCK_DV=128, num_warps=4, num_stages=1),
-]
-BWD_SWEEP = {
-    "contiguous": [
-        dict(kind="flash", BLOCK_M=64, BLOCK_N=64, BLOCK_DV=64, DV_BLOCK=256, DELTA_DV=64, num_warps=8,
-             num_stages=2),
-        dict(kind="flash", BLOCK_M=64, BLOCK_N=64, BLOCK_DV=64, DV_BLOCK=128, DELTA_DV=64, num_warps=8,
-             num_stages=2),
-        dict(kind="flash", BLOCK_M=32, BLOCK_N=64, BLOCK_DV=64, DV_BLOCK=256, DELTA_DV=64, num_warps=8,
-             num_stages=2),
-    ],
-    "gather": [
-        dict(kind="flash", BLOCK_M=32, BLOCK_N=32, BLOCK_DV=32, DV_BLOCK=64, DELTA_DV=32, num_warps=8,
-             num_stages=2),
-        dict(kind="flash", BLOCK_M=32, BLOCK_N=32, BLOCK_DV=32, DV_BLOCK=64, DELTA_DV=32, num_warps=8,
-             num_stages=1),
-    ],
-}
-# The one-pass backwards (kernels._bwd_fused_kernel): whole Cqk/Cv rows per tile (BLOCK_DK, BLOCK_DV
-# filled in by `sweep_config`); FUSED_DQ adds dQ by fp32 atomics, SPLIT_DQ computes it in
-# _bwd_dq_kernel (DQ_BLOCK_M queries, DQ_WARPS warps). The first of each kind is
-# kernels.one_pass_bwd_config's choice; all compile for sm_90a without spills (tests/test_kernel_compile.py).
-# BLOCK_M = 64 makes every dot a wgmma (BLOCK_M = 32: mma.sync), at BLOCK_N = 16 to fit.
-BWD_SWEEP["contiguous"] += [
-    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DELTA_DV=64, num_warps=8, num_stages=2),
-    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_CHUNK=64, DELTA_DV=64, num_warps=8, num_stages=2),
-    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=32, DELTA_DV=64, num_warps=8, num_stages=3),
-    dict(kind="flash", FUSED_DQ=True, BLOCK_M=32, BLOCK_N=16, DELTA_DV=64, num_warps=4, num_stages=2),
-    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DELTA_DV=64,
-         num_warps=8, num_stages=2),
-    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=64, BLOCK_N=16, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DELTA_DV=64,
-         num_warps=8, num_stages=2),
-    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=64, BLOCK_N=16, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DQ_WARPS=8,
-         DELTA_DV=64, num_warps=4, num_stages=2),
-    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DQ_WARPS=16,
-         DELTA_DV=64, num_warps=8, num_stages=2),
-    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=64, DQ_BLOCK_N=32, DQ_WARPS=4,
-         DELTA_DV=64, num_warps=8, num_stages=2),
-    # dQ through TMA boxes (kernels._bwd_dq_tma_kernel; DQ_BLOCK_M/N in whole rows of 32 tokens here)
-    dict(kind="flash", SPLIT_DQ=True, TMA=True, BLOCK_M=32, BLOCK_N=32, DQ_BLOCK_M=32, DQ_BLOCK_N=64,
-         DELTA_DV=64, num_warps=8, num_stages=2),
-    dict(kind="flash", SPLIT_DQ=True, TMA=True, BLOCK_M=64, BLOCK_N=16, DQ_BLOCK_M=32, DQ_BLOCK_N=64,
-         DQ_WARPS=8, DELTA_DV=64, num_warps=4, num_stages=2),
-]
-BWD_SWEEP["gather"] += [
-    dict(kind="flash", FUSED_DQ=True, BLOCK_M=16, BLOCK_N=32, DELTA_DV=32, num_warps=8, num_stages=1),
-    dict(kind="flash", SPLIT_DQ=True, BLOCK_M=16, BLOCK_N=32, DQ_BLOCK_M=32, DQ_BLOCK_N=32, DQ_BLOCK_DV=32,
-         DELTA_DV=32, num_warps=8, num_stages=1),
-]
-BWD_VARIANTS = ("four", "fused", "split")
+def config_row(config: Any) -> Dict[str, Any]:
+    """A launch config as a JSON-ready dict: its class name and fields."""
+    return dict(config=type(config).__name__, **dataclasses.asdict(config))
 
 
-def bwd_variant(cfg: Dict) -> str:
-    """Which long-group backward a config runs (kernels.LONG_BWD_MODES)."""
-    return "fused" if cfg.get("FUSED_DQ") else "split" if cfg.get("SPLIT_DQ") else "four"
-
-
-def sweep_config(cfg: Dict, cqk: int, cv: int) -> Dict:
-    """A sweep entry completed for Cqk/Cv: BLOCK_DK (whole Cqk), and BLOCK_DV (whole Cv) for the one-pass ones."""
-    if cfg.get("kind") == "tile":
-        return dict(cfg)
-    np2 = lambda c: max(16, 1 << (c - 1).bit_length())  # noqa: E731
-    cfg = dict(cfg, BLOCK_DK=np2(cqk))
-    if bwd_variant(cfg) != "four":
-        cfg.setdefault("BLOCK_DV", np2(cv))
-    return cfg
+def config_text(config: Any) -> str:
+    """A launch config as its class and the fields that differ from their defaults."""
+    fields = [f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config)
+              if f.default is dataclasses.MISSING or getattr(config, f.name) != f.default]
+    return f"{type(config).__name__}({', '.join(fields)})"
 
 
 def run_sweep(dtype: torch.dtype = torch.bfloat16, case: str = "cityscapes_whole", n: int = 1,
               cqk: int = 256, cv: int = 512, warmup: int = 10, rep: int = 40, deadline: Optional[float] = None,
               log: Callable[[str], None] = print, device: str = "cuda",
               bwd_batches: Sequence[int] = (1, 8)) -> List[Dict]:
-    """Time alternative launch configs; the first of each list is the default.
+    """Time the launch configs of `isa_triton.candidates` (each list's first entry: the op's default).
 
     Long range: the forward at batch `n`; the channels_last backward at each of `bwd_batches` (the
-    four-kernel, FUSED_DQ and SPLIT_DQ backwards side by side), the NCHW backward at `n`. Short range
+    four-kernel, fused and split backwards side by side), the NCHW backward at `n`. Short range
     (channels_last): the forward at each of `bwd_batches`. Ends with one summary line per (layout,
     batch): the best of each backward. Every config's output (or dq, dk, dv) is checked against fp64
-    eager maths like the op's (row "ok"); the summary counts only those that pass.
+    eager maths like the op's (row "ok"); the summaries count only those that pass.
     """
-    from . import checks, kernels
+    from . import candidates, checks, kernels
 
     h, w = CASES[case]
     scale = cqk ** -0.5
     rows = []
     refs = {}
-    plan = [("channels_last", "long", [("fwd", n, cfg) for cfg in FWD_SWEEP["contiguous"]]
-             + [("bwd", b, cfg) for b in bwd_batches for cfg in BWD_SWEEP["contiguous"]]),
-            ("nchw", "long", [("fwd", n, cfg) for cfg in FWD_SWEEP["gather"]]
-             + [("bwd", n, cfg) for cfg in BWD_SWEEP["gather"]]),
-            ("channels_last", "short", [("fwd", b, cfg) for b in bwd_batches for cfg in SHORT_FWD_SWEEP])]
+    plan = [("channels_last", "long", [("fwd", n, cfg) for cfg in candidates.FWD_SWEEP["contiguous"]]
+             + [("bwd", b, cfg) for b in bwd_batches for cfg in candidates.BWD_SWEEP["contiguous"]]),
+            ("nchw", "long", [("fwd", n, cfg) for cfg in candidates.FWD_SWEEP["gather"]]
+             + [("bwd", n, cfg) for cfg in candidates.BWD_SWEEP["gather"]]),
+            ("channels_last", "short", [("fwd", b, cfg) for b in bwd_batches for cfg in candidates.SHORT_FWD_SWEEP])]
     for layout, pattern, jobs in plan:
         long_range = pattern == "long"
         inputs = {}
@@ -367,20 +280,19 @@ def run_sweep(dtype: torch.dtype = torch.bfloat16, case: str = "cityscapes_whole
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 q, k, v = make_inputs(batch, cqk, cv, h, w, dtype, layout, device)
-                out, lse = kernels._forward_impl(q, k, v, long_range, 8, 8, scale)
+                out, lse = kernels.attention_forward(q, k, v, long_range, 8, 8, scale)
                 inputs[batch] = (q, k, v, out, lse, torch.randn_like(out))
                 # every config is checked against fp64 as the op's own (2 x eager's error + atol)
                 refs[batch] = checks.reference_fp64(q, k, v, pattern, BLOCK, scale, inputs[batch][-1])
             q, k, v, out, lse, do = inputs[batch]
-            cfg = sweep_config(cfg, cqk, cv)
-            variant = bwd_variant(cfg) if which == "bwd" else cfg["kind"]
+            variant = candidates.variant(cfg)
             row = dict(layout=layout, pattern=pattern, which=which, case=case, batch=batch, variant=variant,
-                       config=dict(cfg))
+                       label=config_text(cfg), config=config_row(cfg))
             try:
                 if which == "fwd":
-                    call = lambda: kernels._forward_impl(q, k, v, long_range, 8, 8, scale, cfg)  # noqa: E731
+                    call = lambda: kernels.attention_forward(q, k, v, long_range, 8, 8, scale, cfg)  # noqa: E731
                 else:
-                    call = lambda: kernels._backward_impl(do, q, k, v, out, lse, True, 8, 8, scale, cfg)  # noqa
+                    call = lambda: kernels.attention_backward(do, q, k, v, out, lse, True, 8, 8, scale, cfg)  # noqa
                 got = call()
                 got = [got[0], None, None, None] if which == "fwd" else [None, *got]
                 errs = checks.compare(got, *refs[batch], checks.ATOL[dtype])
@@ -390,22 +302,20 @@ def run_sweep(dtype: torch.dtype = torch.bfloat16, case: str = "cityscapes_whole
             except Exception as exc:
                 row["error"] = _short(exc)
             rows.append(row)
-            hidden = ("kind", "FUSED_DQ", "SPLIT_DQ") + (() if cfg["kind"] == "tile" else ("BLOCK_DK",))
-            shown = {k_: v_ for k_, v_ in cfg.items() if k_ not in hidden}
             status = "" if "error" in row else ("  PASS" if row["ok"] else f"  FAIL (vs fp64: {row['max_err']})")
             log(f"sweep {pattern:<6}{layout:<14}{which:<4} N={batch:<2} {variant:<6}"
-                f"{row.get('ms', float('nan')):9.3f} ms  {shown}{status}"
+                f"{row.get('ms', float('nan')):9.3f} ms  {row['label']}{status}"
                 + (f"  [{row['error']}]" if "error" in row else ""))
         inputs.clear()
     for layout in ("channels_last", "nchw"):
         for b in sorted({r["batch"] for r in rows if r["layout"] == layout and r["which"] == "bwd"}):
             best = {}
-            for var in BWD_VARIANTS:
+            for var in candidates.BWD_VARIANTS:
                 ms = [r["ms"] for r in rows if r["layout"] == layout and r["which"] == "bwd" and r["batch"] == b
                       and r["variant"] == var and r.get("ok")]
                 best[var] = min(ms) if ms else float("nan")
             log(f"sweep summary: long bwd {case} {layout} N={b}: best "
-                + ", ".join(f"{var} {best[var]:.3f} ms" for var in BWD_VARIANTS))
+                + ", ".join(f"{var} {best[var]:.3f} ms" for var in candidates.BWD_VARIANTS))
     # what to make the defaults (kernels.fwd_config / bwd_config): the fastest passing config of each
     # problem class against the current default (the first of its list)
     classes = sorted({(r["pattern"], r["layout"], r["which"], r["batch"]) for r in rows})
@@ -417,5 +327,5 @@ def run_sweep(dtype: torch.dtype = torch.bfloat16, case: str = "cityscapes_whole
         best = min(ok, key=lambda r: r["ms"])
         default = mine[0].get("ms", float("nan"))
         log(f"sweep best: {pattern} {layout} {which} N={b}: {best['ms']:.3f} ms ({default / best['ms']:.2f}x the "
-            f"default's {default:.3f} ms) {best['config']}")
+            f"default's {default:.3f} ms) {best['label']}")
     return rows

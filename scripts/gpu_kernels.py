@@ -10,12 +10,14 @@ Phases (each one's failure is recorded and the next still runs; the JSON is alwa
    (they fill Triton's disk cache, so the timed phases never wait for a compile);
 1. correctness: forward, dq, dk, dv against fp64 eager, bf16/fp16/fp32, at the ISA shapes, NCHW and
    channels_last, both patterns: error <= 2 x eager's error in the same dtype + atol (isa_triton.checks);
-   then the long-range cases again through the one-pass backwards ("fused-bwd": FUSED_DQ, "split-bwd": SPLIT_DQ);
+   then the long-range cases again through the sweep's one-pass backwards ("fused-bwd": dQ by atomics,
+   "split-bwd": a separate dQ pass; isa_triton.candidates);
 2. memory: bytes saved for backward (must be the fp32 LSE only, no O(L^2) matrix) and peak memory;
 3. torch.compile(fullgraph=True) of forward+backward through the custom op (inductor);
-4. config sweep, each config also checked against fp64: the long-range kernels (defaults first; the
-   pointer and TMA forwards; the channels_last backward at batch 1 and 8, "four", "fused" and
-   "split" side by side, with a summary line) and the short-range forward's Cv split at batch 1 and 8;
+4. config sweep (`isa_triton.candidates`), each config also checked against fp64: the long-range
+   kernels (defaults first; the pointer and TMA forwards; the channels_last backward at batch 1 and 8,
+   "four", "fused" and "split" side by side, with a summary line) and the short-range forward's Cv
+   split at batch 1 and 8;
 5. benchmark: `isa bench kernels` rows (bf16; triton, eager, sdpa; batch 1 and 8; both layouts),
    then FlexAttention.
 Exit status 1 when a correctness, memory or compile check fails. `--dry-run` rehearses every phase on
@@ -39,9 +41,9 @@ if "--dry-run" in sys.argv[1:]:  # Triton reads TRITON_INTERPRET when it is impo
 
 import torch  # noqa: E402
 
-from isa_triton import bench, kernels  # noqa: E402
+from isa_triton import bench, candidates, kernels  # noqa: E402
 from isa_triton.attention import resolve_backend, sparse_attention  # noqa: E402
-from isa_triton.checks import errors_vs_fp64, saved_bytes  # noqa: E402
+from isa_triton.checks import errors_vs_fp64, forward_backward, saved_bytes  # noqa: E402
 
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CQK, CV = 256, 512
@@ -64,10 +66,18 @@ CORRECTNESS = [
     ("fp32", 64, 88, "long", "channels_last", 1),
     ("fp32", 104, 104, "short", "nchw", 1),
 ]
-# The same check through the one-pass long-range backwards (kernels.long_backward("fused" / "split")):
-# long L = 512 and 169, bf16/fp16/fp32, both layouts
+# The same check through the sweep's one-pass long-range backwards ("fused", "split"): long L = 512 and
+# 169, bf16/fp16/fp32, both layouts
 CORRECTNESS_FUSED = [(d, h, w, "long", lay, n) for d in ("bf16", "fp16", "fp32")
                      for h, w, n in ((128, 256, 1), (104, 104, 2)) for lay in ("channels_last", "nchw")]
+ONE_PASS = {"fused": candidates.fused_bwd_config, "split": candidates.split_bwd_config}
+
+
+def long_bwd_config(mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The launch config of long-range backward `mode` for these inputs (None for "four": the op's own)."""
+    if mode == "four":
+        return None
+    return ONE_PASS[mode](q.dtype, q.shape[1], v.shape[1], kernels.is_gather(True, q, k, v))
 
 
 MEM_DTYPE = "bf16"
@@ -102,17 +112,16 @@ def _warm(task) -> str:
     dtype, h, w, pattern, layout, n, cfg = task
     try:
         q, k, v = bench.make_inputs(n, CQK, CV, h, w, DT[dtype], layout, DEVICE)
-        if cfg is None or cfg in kernels.LONG_BWD_MODES:
-            q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-            with kernels.long_backward(cfg or "four"):
-                out = sparse_attention(q, k, v, pattern, (8, 8), backend="triton")
-                out.backward(torch.ones_like(out))
+        if cfg is None or cfg in ONE_PASS:  # the op; a one-pass name: with that long-range backward
+            bwd = None if cfg is None else long_bwd_config(cfg, q, k, v)
+            forward_backward(lambda a, b, c: kernels.triton_attention(a, b, c, pattern, (8, 8), CQK ** -0.5,
+                                                                      bwd_cfg=bwd), q, k, v, torch.ones_like(v))
         else:
             which, config = cfg
-            out, lse = kernels._forward_impl(q, k, v, pattern == "long", 8, 8, CQK ** -0.5,
-                                             config if which == "fwd" else None)
+            out, lse = kernels.attention_forward(q, k, v, pattern == "long", 8, 8, CQK ** -0.5,
+                                                 config if which == "fwd" else None)
             if which == "bwd":
-                kernels._backward_impl(out, q, k, v, out, lse, pattern == "long", 8, 8, CQK ** -0.5, config)
+                kernels.attention_backward(out, q, k, v, out, lse, pattern == "long", 8, 8, CQK ** -0.5, config)
         if DEVICE == "cuda":
             torch.cuda.synchronize()
         return "ok"
@@ -134,11 +143,11 @@ def bench_tasks() -> list:
                 for n in (1, 8):
                     tasks.append(("bf16", h, w, p, lay, n, None))
     for lay, kind in (("channels_last", "contiguous"), ("nchw", "gather")):
-        for which, sweep in (("fwd", bench.FWD_SWEEP), ("bwd", bench.BWD_SWEEP)):
+        for which, sweep in (("fwd", candidates.FWD_SWEEP), ("bwd", candidates.BWD_SWEEP)):
             for cfg in sweep[kind][1:]:
-                tasks.append(("bf16", 128, 256, "long", lay, 1, (which, bench.sweep_config(cfg, 256, 512))))
-    for cfg in bench.SHORT_FWD_SWEEP[1:]:
-        tasks.append(("bf16", 128, 256, "short", "channels_last", 1, ("fwd", dict(cfg))))
+                tasks.append(("bf16", 128, 256, "long", lay, 1, (which, cfg)))
+    for cfg in candidates.SHORT_FWD_SWEEP[1:]:
+        tasks.append(("bf16", 128, 256, "short", "channels_last", 1, ("fwd", cfg)))
     return tasks
 
 
@@ -149,8 +158,7 @@ def precompile(workers: int, dry_run: bool = False) -> dict:
         tasks = tasks[:2] + tasks[-1:]
     else:
         tasks += bench_tasks()
-    tasks = list(dict.fromkeys((t[:6] + (json.dumps(t[6]),)) for t in tasks))
-    tasks = [t[:6] + (json.loads(t[6]),) for t in tasks]
+    tasks = list(dict.fromkeys(tasks))  # launch configs are frozen dataclasses: hashable
     tasks.sort(key=lambda t: (t[0] != "fp32", -t[5]))  # the slowest compiles (fp32 FMA kernels) and runs first
     results = {}
     import multiprocessing as mp
@@ -177,8 +185,7 @@ def check_correctness() -> list:
     for dtype, h, w, pattern, layout, n, mode in cases:
         q, k, v = bench.make_inputs(n, CQK, CV, h, w, DT[dtype], layout, DEVICE, seed=7)
         try:
-            with kernels.long_backward(mode):
-                res = errors_vs_fp64(q, k, v, pattern, (8, 8), backend="triton")
+            res = errors_vs_fp64(q, k, v, pattern, (8, 8), backend="triton", bwd_cfg=long_bwd_config(mode, q, k, v))
             ok = all(r["ok"] for r in res.values())
             row = dict(dtype=dtype, h=h, w=w, pattern=pattern, layout=layout, batch=n, long_bwd=mode, ok=ok,
                        errors=res)
@@ -208,9 +215,8 @@ def check_memory() -> list:
         for name in ("triton", "eager"):
             fn = lambda a, b, c, name=name: sparse_attention(a, b, c, pattern, (8, 8), backend=name)  # noqa: E731
             row[f"{name}_saved_bytes"] = saved_bytes(fn, q, k, v)
-            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
             grad = torch.randn_like(v)
-            row[f"{name}_fwdbwd_peak_bytes"] = bench.peak_bytes(lambda: fn(*leaves).backward(grad))
+            row[f"{name}_fwdbwd_peak_bytes"] = bench.peak_bytes(lambda: forward_backward(fn, q, k, v, grad))
             if DEVICE != "cuda":
                 row[f"{name}_fwdbwd_peak_bytes"] = 0
         row["ok"] = row["triton_saved_bytes"] <= lse
@@ -232,17 +238,11 @@ def check_compile() -> dict:
     def fn(a, b, c):
         return sparse_attention(a, b, c, "long", (8, 8), backend=backend) * 2.0
 
-    def run(f):
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = f(*leaves)
-        out.backward(grad)
-        return [out.detach()] + [t.grad for t in leaves]
-
     start = time.monotonic()
     compiled = torch.compile(fn, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
-    got = run(compiled)
+    got = forward_backward(compiled, q, k, v, grad)
     seconds = time.monotonic() - start
-    ref = run(fn)
+    ref = forward_backward(fn, q, k, v, grad)
     diffs = [(g.float() - r.float()).abs().max().item() for g, r in zip(got, ref)]
     ok = all(d <= 1e-2 for d in diffs)
     log(f"{'PASS' if ok else 'FAIL'} torch.compile(fullgraph=True) fwd+bwd, backend {backend} -> "

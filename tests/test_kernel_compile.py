@@ -3,7 +3,8 @@
 Runs on the CPU: Triton compiles for an explicit `GPUTarget("cuda", 90, 32)` (no GPU or driver
 needed) and the ptxas bundled with Triton reports registers and spills of the PTX (`-v`). The
 launches come from `kernels.launch_plans` on meta tensors, so they are exactly the ones the op
-makes, with Triton's own specialisation of strides equal to 1 and of multiples of 16.
+makes, with Triton's own specialisation of strides equal to 1 and of multiples of 16. The sweep's
+candidates (`isa_triton.candidates`) likewise, mostly marked slow.
 
 TRITON_MODE = "compile": a process whose Triton compiles (a child pytest when this one set
 TRITON_INTERPRET=1; tests/kernel_env.py), which is also where the errors for CPU tensors are checked.
@@ -21,7 +22,7 @@ import torch
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from isa_triton import kernels  # noqa: E402
+from isa_triton import candidates, kernels  # noqa: E402
 
 pytest_plugins = ("kernel_env",)
 TRITON_MODE = "compile"
@@ -106,22 +107,24 @@ ISA_CASES = [
 ]
 
 
-def all_launches(dtypes=(torch.float16, torch.bfloat16), channels=((256, 512), (64, 64), (16, 24)), mode="four"):
+def all_launches(dtypes=(torch.float16, torch.bfloat16), channels=((256, 512), (64, 64), (16, 24)),
+                 bwd_configs=None):
     """Distinct launch configurations (kernel, constexprs, warps, stages) over ISA-like problems.
 
-    `mode`: the long-range backward (`kernels.long_backward(mode)`)."""
+    `bwd_configs(dtype, cqk, cv, gather)`: the long-range backward's config (None: the op's own)."""
     seen = {}
-    with kernels.long_backward(mode):
-        for dtype in dtypes:
-            for cqk, cv in channels:
-                for h, w, pattern in ISA_CASES:
-                    for cl in (False, True):
-                        for n in (1, 8):
-                            q = _meta(n, cqk, h, w, dtype, cl)
-                            v = _meta(n, cv, h, w, dtype, cl)
-                            for launch in kernels.launch_plans(q, q, v, pattern, (8, 8)):
-                                key = launch.config_key() + (dtype, cl)
-                                seen.setdefault(key, launch)
+    for dtype in dtypes:
+        for cqk, cv in channels:
+            for h, w, pattern in ISA_CASES:
+                for cl in (False, True):
+                    for n in (1, 8):
+                        q = _meta(n, cqk, h, w, dtype, cl)
+                        v = _meta(n, cv, h, w, dtype, cl)
+                        long_groups = pattern == "long" and kernels._np2((h // 8) * (w // 8)) > kernels.TILE_MAX
+                        bwd = bwd_configs(dtype, cqk, cv, not cl) if bwd_configs and long_groups else None
+                        for launch in kernels.launch_plans(q, q, v, pattern, (8, 8), bwd_cfg=bwd):
+                            key = launch.config_key() + (dtype, cl)
+                            seen.setdefault(key, launch)
     return seen
 
 
@@ -130,23 +133,18 @@ ONE_PASS_KERNELS = ("bwd_fused", "bwd_kv", "bwd_dq_cast", "bwd_dq")
 
 def sweep_launches(dtype, cqk=256, cv=512):
     """The kernels of every `isa bench kernels --sweep` entry (128x256, ISA channels, as the sweep runs them)."""
-    from isa_triton import bench
-
     seen = {}
     for cl, kind in ((True, "contiguous"), (False, "gather")):
         q = _meta(1, cqk, 128, 256, dtype, cl)
         v = _meta(1, cv, 128, 256, dtype, cl)
-        geo = kernels.Geometry(1, 128, 256, 8, 8, True)
-        lse = torch.empty(geo.n * geo.groups, geo.tokens, device="meta")
         plans = []
-        for cfg in bench.FWD_SWEEP[kind]:
-            plans += kernels._fwd_plan(q, q, v, torch.empty_like(v), lse, geo, 0.0625, bench.sweep_config(cfg, cqk, cv))
+        for cfg in candidates.FWD_SWEEP[kind]:
+            plans += kernels.launch_plans(q, q, v, "long", (8, 8), fwd_cfg=cfg, backward=False)
         if cl:
-            short = kernels.Geometry(1, 128, 256, 8, 8, False)
-            for cfg in bench.SHORT_FWD_SWEEP:
-                plans += kernels._fwd_plan(q, q, v, torch.empty_like(v), lse, short, 0.0625, dict(cfg))
-        for cfg in bench.BWD_SWEEP[kind]:
-            plans += kernels.launch_plans(q, q, v, "long", (8, 8), bwd_cfg=bench.sweep_config(cfg, cqk, cv))[1:]
+            for cfg in candidates.SHORT_FWD_SWEEP:
+                plans += kernels.launch_plans(q, q, v, "short", (8, 8), fwd_cfg=cfg, backward=False)
+        for cfg in candidates.BWD_SWEEP[kind]:
+            plans += kernels.launch_plans(q, q, v, "long", (8, 8), bwd_cfg=cfg)[1:]
         for launch in plans:
             seen.setdefault(launch.config_key() + (dtype, cl), launch)
     return seen
@@ -176,30 +174,26 @@ def test_isa_launch_configs_fit_an_h100(dtype):
     _check(all_launches(dtypes=(dtype,), channels=((256, 512),)))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, marks=pytest.mark.slow), torch.bfloat16],
+                         ids=["fp16", "bf16"])
 def test_one_pass_backward_configs_fit_an_h100(dtype):
-    """The one-pass backwards (FUSED_DQ, SPLIT_DQ): the op's choices at Cqk 256 / Cv 512."""
+    """The sweep's one-pass backwards (fused, split): their default configs at Cqk 256 / Cv 512."""
     launches = {}
-    for mode in ("fused", "split"):
-        launches.update({k: v for k, v in all_launches(dtypes=(dtype,), channels=((256, 512),), mode=mode).items()
-                         if v.name in ONE_PASS_KERNELS})
+    for make in (candidates.fused_bwd_config, candidates.split_bwd_config):
+        found = all_launches(dtypes=(dtype,), channels=((256, 512),), bwd_configs=make)
+        launches.update({k: v for k, v in found.items() if v.name in ONE_PASS_KERNELS})
     assert {v.name for v in launches.values()} == set(ONE_PASS_KERNELS)
     _check(launches)
 
 
 def test_tma_kernels_use_bulk_tensor_copies_and_wgmma():
     """The TMA sweep candidates compile to Hopper's bulk-tensor copies and wgmma, within the limits."""
-    from isa_triton import bench
-
     q = _meta(1, 256, 128, 256, torch.bfloat16, True)
     v = _meta(1, 512, 128, 256, torch.bfloat16, True)
-    fwd = next(c for c in bench.FWD_SWEEP["contiguous"] if c["kind"] == "tma")
-    bwd = next(c for c in bench.BWD_SWEEP["contiguous"] if c.get("TMA"))
-    geo = kernels.Geometry(1, 128, 256, 8, 8, True)
-    lse = torch.empty(64, 512, device="meta")
-    launches = kernels._fwd_plan(q, q, v, torch.empty_like(v), lse, geo, 0.0625, bench.sweep_config(fwd, 256, 512))
-    launches += [p for p in kernels.launch_plans(q, q, v, "long", (8, 8), bwd_cfg=bench.sweep_config(bwd, 256, 512))
-                 if p.name == "bwd_dq_tma"]
+    fwd = next(c for c in candidates.FWD_SWEEP["contiguous"] if isinstance(c, candidates.TmaFwdConfig))
+    bwd = next(c for c in candidates.BWD_SWEEP["contiguous"] if getattr(c, "tma", False))
+    launches = [p for p in kernels.launch_plans(q, q, v, "long", (8, 8), fwd_cfg=fwd, bwd_cfg=bwd)
+                if p.name.endswith("tma")]
     assert [p.name for p in launches] == ["fwd_tma", "bwd_dq_tma"]
     for launch in launches:
         stats = compile_sm90(launch)
@@ -212,7 +206,8 @@ def test_sweep_configs_fit_an_h100():
     """Every alternative `isa bench kernels --sweep` times (bf16, as it runs them) fits sm_90 too."""
     launches = sweep_launches(torch.bfloat16)
     names = {v.name for v in launches.values()}
-    assert {"fwd_flash", "fwd_tma", "fwd_tile", "bwd_dkdv", "bwd_fused", "bwd_kv", "bwd_dq", "bwd_dq_tma"} <= names
+    assert {"fwd_flash", "fwd_tma", "fwd_tile", "fwd_tile_split", "bwd_dkdv", "bwd_fused", "bwd_kv", "bwd_dq",
+            "bwd_dq_tma"} <= names
     _check(launches)
 
 
@@ -229,13 +224,13 @@ def test_launch_plans_cover_both_paths_and_layouts():
                                                                      channels=((256, 512),)).items()}
     for name in ("fwd_tile", "bwd_tile", "fwd_flash", "bwd_delta", "bwd_dkdv", "bwd_dv", "bwd_dq"):
         assert (name, False) in names and (name, True) in names, name
-    fused = {(launch.name, key[-1]) for key, launch in all_launches(dtypes=(torch.bfloat16,), channels=((256, 512),),
-                                                                     mode="fused").items()}
+    fused = {(launch.name, key[-1]) for key, launch in all_launches(
+        dtypes=(torch.bfloat16,), channels=((256, 512),), bwd_configs=candidates.fused_bwd_config).items()}
     for name in ("bwd_fused", "bwd_dq_cast"):
         assert (name, False) in fused and (name, True) in fused, name
     assert not {n for n, _ in fused} & {"bwd_dkdv", "bwd_dv", "bwd_dq"}
-    split = {(launch.name, key[-1]) for key, launch in all_launches(dtypes=(torch.bfloat16,), channels=((256, 512),),
-                                                                     mode="split").items()}
+    split = {(launch.name, key[-1]) for key, launch in all_launches(
+        dtypes=(torch.bfloat16,), channels=((256, 512),), bwd_configs=candidates.split_bwd_config).items()}
     for name in ("bwd_kv", "bwd_dq"):
         assert (name, False) in split and (name, True) in split, name
     assert not {n for n, _ in split} & {"bwd_dkdv", "bwd_dv", "bwd_fused", "bwd_dq_cast"}

@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 from isa_triton import bench, kernels, sparse_attention  # noqa: E402
 from isa_triton.attention import resolve_backend  # noqa: E402
-from isa_triton.checks import errors_vs_fp64, saved_bytes  # noqa: E402
+from isa_triton.checks import errors_vs_fp64, forward_backward, saved_bytes  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or kernels.interpreter_enabled(),
                                 reason="needs a CUDA GPU and Triton compiling (TRITON_INTERPRET unset)")
@@ -62,13 +62,8 @@ def test_torch_compile_fullgraph_forward_backward():
     def fn(a, b, c):
         return sparse_attention(a, b, c, "short", (8, 8), backend="triton") * 2.0
 
-    def run(f):
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = f(*leaves)
-        out.backward(grad)
-        return [out] + [t.grad for t in leaves]
-
-    for got, ref in zip(run(torch.compile(fn, fullgraph=True)), run(fn)):
+    for got, ref in zip(forward_backward(torch.compile(fn, fullgraph=True), q, k, v, grad),
+                        forward_backward(fn, q, k, v, grad)):
         torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
 
 
@@ -78,7 +73,7 @@ def test_every_default_launch_config_runs_on_this_gpu():
         for pattern in ("long", "short"):
             for layout in ("nchw", "channels_last"):
                 q, k, v = bench.make_inputs(1, 256, 512, case[0], case[1], torch.bfloat16, layout)
-                out, lse = kernels._forward_impl(q, k, v, pattern == "long", 8, 8, 1 / 16)
-                dq, dk, dv = kernels._backward_impl(out, q, k, v, out, lse, pattern == "long", 8, 8, 1 / 16)
+                out, lse = kernels.attention_forward(q, k, v, pattern == "long", 8, 8, 1 / 16)
+                dq, dk, dv = kernels.attention_backward(out, q, k, v, out, lse, pattern == "long", 8, 8, 1 / 16)
                 torch.cuda.synchronize()
                 assert all(torch.isfinite(t).all() for t in (out, dq, dk, dv))

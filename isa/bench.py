@@ -216,7 +216,7 @@ def _data(args: argparse.Namespace) -> int:
         data_root = str(make_benchmark_data(args.data_root, dataset, args.make_data))
         print(f"wrote {args.make_data} {dataset} training pairs under {data_root}")
     rows = [bench_data(args.recipe, data_root, workers=w, samples=args.samples, warmup=args.warmup,
-                       batch_size=args.batch_size) for w in args.workers]
+                       batch_size=args.batch_size, reference=args.reference) for w in args.workers]
     for row in rows:
         print(format_result(row))
     if len(rows) > 1 and rows[0]["workers"] > 0:
@@ -246,13 +246,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     p.add_argument("--no-baseline", action="store_true", help="skip the reference-path timing")
-    p.add_argument("--json", metavar="FILE", help="write the result here")
+    p.add_argument("--out", "--json", dest="json", metavar="FILE", help="write the result as JSON here")
     p.set_defaults(func=_model)
 
     p = sub.add_parser("kernels", help="time the attention op per backend (CUDA)",
                        description=kernel_bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bfloat16")
-    p.add_argument("--json", metavar="FILE", help="write the rows here")
+    p.add_argument("--out", "--json", dest="json", metavar="FILE", help="write the rows as JSON here")
     p.add_argument("--cases", nargs="+", choices=list(kernel_bench.CASES), default=list(kernel_bench.CASES))
     p.add_argument("--patterns", nargs="+", choices=kernel_bench.PATTERNS, default=list(kernel_bench.PATTERNS))
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
@@ -281,5 +281,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=2, help="loader batch with --workers N [2]")
     p.add_argument("--make-data", type=int, default=0, metavar="N",
                    help="first write N synthetic training pairs at the recipe's sizes under --data-root")
-    p.add_argument("--json", metavar="FILE", help="write the result here")
+    p.add_argument("--reference", action="store_true",
+                   help="time the reference pipeline (train.transforms) instead of the fast one")
+    p.add_argument("--out", "--json", dest="json", metavar="FILE", help="write the result as JSON here")
     p.set_defaults(func=_data)

@@ -98,34 +98,40 @@ def make_benchmark_data(root: PathLike, dataset: str = "cityscapes", num_images:
     return root
 
 
-def _reader_and_pipeline(recipe: str, data_root: PathLike) -> Tuple[Any, Any, Any]:
+def _reader_and_pipeline(recipe: str, data_root: PathLike, reference: bool = False) -> Tuple[Any, Any, Any]:
     from eval.datasets import build_dataset
 
     from .config import TrainConfig
     from .data import TrainSet
     from .pipeline import RecipePipeline
+    from .transforms import build_train_transforms
 
     cfg = TrainConfig.from_recipe(recipe, str(data_root))
     reader = build_dataset(cfg.dataset, str(data_root), cfg.train_split)
-    pipeline = RecipePipeline(cfg.crop_size, cfg.img_scale, cfg.ratio_range, cfg.cat_max_ratio)
+    if reference:
+        pipeline = build_train_transforms(cfg.crop_size, cfg.img_scale, cfg.ratio_range, cfg.cat_max_ratio)
+    else:
+        pipeline = RecipePipeline(cfg.crop_size, cfg.img_scale, cfg.ratio_range, cfg.cat_max_ratio)
     return cfg, reader, TrainSet(reader, pipeline)  # TrainSet builds the HSV tables (not timed)
 
 
 def bench_data(recipe: str, data_root: PathLike, workers: int = 0, samples: int = 24, warmup: int = 4,
-               batch_size: int = 2, seed: int = 0) -> Dict[str, Any]:
+               batch_size: int = 2, seed: int = 0, reference: bool = False) -> Dict[str, Any]:
     """Time the recipe's training pipeline as `isa train` runs it (decoding included).
 
     `workers=0`: one process on one thread; `warmup` samples first (the dataset's first images), then
     `samples` timed one by one: `ms_per_sample` is their median (`ms_mean` the mean). `workers=N`: the
     DataLoader with N worker processes, `samples` (rounded up to whole batches) timed after `warmup`
-    batches: `samples_per_s` and `ms_per_sample` = 1000 / samples_per_s.
+    batches: `samples_per_s` and `ms_per_sample` = 1000 / samples_per_s. `reference`: the reference
+    pipeline (`train.transforms`, Pillow decoding, normalising in the worker) instead of the fast one.
     """
     from .data import IterationBatchSampler, build_loader, collate, sample_seed
 
-    cfg, reader, train_set = _reader_and_pipeline(recipe, data_root)
+    cfg, reader, train_set = _reader_and_pipeline(recipe, data_root, reference)
     result: Dict[str, Any] = {"recipe": recipe, "dataset": cfg.dataset, "data_root": str(data_root),
-                              "images": len(reader), "crop_size": list(cfg.crop_size), "workers": workers,
-                              "torch": torch.__version__, "cpus": os.cpu_count()}
+                              "pipeline": "reference" if reference else "fast", "images": len(reader),
+                              "crop_size": list(cfg.crop_size), "workers": workers, "torch": torch.__version__,
+                              "cpus": os.cpu_count()}
     if workers == 0:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -159,9 +165,9 @@ def bench_data(recipe: str, data_root: PathLike, workers: int = 0, samples: int 
 
 
 def format_result(result: Dict[str, Any]) -> str:
-    """One table row per result: recipe, workers, ms per sample, samples per second."""
+    """One table row per result: recipe, pipeline, workers, ms per sample, samples per second."""
     workers = result["workers"]
     where = "1 process, 1 thread" if workers == 0 else f"DataLoader, {workers} worker{'s' * (workers > 1)}"
     extra = f"  (mean {result['ms_mean']:.1f} ms)" if "ms_mean" in result else ""
-    return (f"{result['recipe']:<42} {where:<24} {result['ms_per_sample']:8.1f} ms/sample "
+    return (f"{result['recipe']:<42} {result.get('pipeline', 'fast'):<9} {where:<24} {result['ms_per_sample']:8.1f} ms/sample "
             f"{result['samples_per_s']:7.1f} samples/s{extra}")

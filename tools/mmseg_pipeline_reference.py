@@ -132,10 +132,13 @@ def run_compare(args):
                 args.data_root, '--workers', '0', '--samples', str(args.samples), '--warmup', str(args.warmup)]
     mmseg_cmd = [sys.executable, os.path.abspath(__file__), 'time', '--recipe', args.recipe, '--data-root',
                  args.data_root, '--samples', str(args.samples), '--warmup', str(args.warmup)]
+    runs = [('mmseg', mmseg_cmd), ('ours', ours_cmd)]
+    if args.with_reference:  # our reference pipeline (train.transforms), the one the fast path replaces
+        runs.append(('ours_reference', ours_cmd + ['--reference']))
     rounds = []
     for r in range(args.rounds):
         row = {}
-        order = (('mmseg', mmseg_cmd), ('ours', ours_cmd)) if r % 2 == 0 else (('ours', ours_cmd), ('mmseg', mmseg_cmd))
+        order = runs if r % 2 == 0 else runs[::-1]
         for who, cmd in order:
             proc = subprocess.run(_pin(args.cpu) + cmd, capture_output=True, text=True, cwd=REPO)
             if proc.returncode != 0:
@@ -143,13 +146,16 @@ def run_compare(args):
             row[who] = json.loads(proc.stdout.strip().splitlines()[-1])['ms_per_sample']
         row['ratio'] = row['ours'] / row['mmseg']
         rounds.append(row)
-        print(f"round {r + 1}: mmseg {row['mmseg']:.1f} ms  ours {row['ours']:.1f} ms  ours/mmseg {row['ratio']:.3f}",
-              flush=True)
+        ref = f"  ours (reference pipeline) {row['ours_reference']:.1f} ms" if 'ours_reference' in row else ''
+        print(f"round {r + 1}: mmseg {row['mmseg']:.1f} ms  ours {row['ours']:.1f} ms  ours/mmseg {row['ratio']:.3f}"
+              f"{ref}", flush=True)
     load = os.getloadavg()
     result = dict(recipe=args.recipe, data_root=args.data_root, cpu=args.cpu, samples_per_round=args.samples,
                   rounds=rounds, mmseg_ms_median=statistics.median(r['mmseg'] for r in rounds),
                   ours_ms_median=statistics.median(r['ours'] for r in rounds),
                   ratio_median=statistics.median(r['ratio'] for r in rounds), loadavg_after=load,
+                  ours_reference_ms_median=(statistics.median(r['ours_reference'] for r in rounds)
+                                            if args.with_reference else None),
                   time=time.strftime('%Y-%m-%d %H:%M:%S'))
     print(f"{args.recipe}: MMSeg {result['mmseg_ms_median']:.1f} ms/sample, ours {result['ours_ms_median']:.1f} "
           f"ms/sample -> ours/MMSeg {result['ratio_median']:.3f} (median of {args.rounds} alternating rounds, "
@@ -176,6 +182,8 @@ def main(argv=None):
     s.add_argument('--ours-python', default=os.path.join(REPO, '.venv', 'bin', 'python'))
     s.add_argument('--rounds', type=int, default=5)
     s.add_argument('--cpu', type=int, default=0, help='core to pin both to (taskset); -1: no pinning')
+    s.add_argument('--with-reference', action='store_true',
+                   help='also time our reference pipeline (isa bench data --reference) in each round')
     s.add_argument('--json', help='write the rounds and medians here')
     args = p.parse_args(argv)
     if args.mode == 'time':

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -150,17 +151,25 @@ def bench_data(recipe: str, data_root: PathLike, workers: int = 0, samples: int 
                       samples_per_s=1e3 / statistics.mean(times), ms_all=times)
         return result
     sampler = IterationBatchSampler(len(reader), batch_size, seed=seed)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     loader = iter(build_loader(train_set, sampler, num_workers=workers))
-    for _ in range(max(warmup, 1)):  # worker start-up and the first batches are not timed
+    warm = max(warmup, 1)
+    for _ in range(warm):  # worker start-up and the first batches are not timed
         next(loader)
     batches = -(-samples // batch_size)
     start = time.perf_counter()
     for _ in range(batches):
         next(loader)
     seconds = time.perf_counter() - start
+    del loader  # the workers exit (and are waited for), so their CPU time is counted below
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # every sample the workers made: warm-up, timed, and the prefetched ones (2 batches a worker)
+    made = (warm + batches + 2 * workers) * batch_size
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     rate = batches * batch_size / seconds
     result.update(batch_size=batch_size, samples=batches * batch_size, seconds=seconds, samples_per_s=rate,
-                  ms_per_sample=1e3 / rate)
+                  ms_per_sample=1e3 / rate, worker_cpu_ms_per_sample=1e3 * cpu / made,
+                  loadavg=list(os.getloadavg()))
     return result
 
 
@@ -169,5 +178,7 @@ def format_result(result: Dict[str, Any]) -> str:
     workers = result["workers"]
     where = "1 process, 1 thread" if workers == 0 else f"DataLoader, {workers} worker{'s' * (workers > 1)}"
     extra = f"  (mean {result['ms_mean']:.1f} ms)" if "ms_mean" in result else ""
+    if "worker_cpu_ms_per_sample" in result:
+        extra = f"  (worker CPU {result['worker_cpu_ms_per_sample']:.1f} ms/sample, load {result['loadavg'][0]:.1f})"
     return (f"{result['recipe']:<42} {result.get('pipeline', 'fast'):<9} {where:<24} {result['ms_per_sample']:8.1f} ms/sample "
             f"{result['samples_per_s']:7.1f} samples/s{extra}")

@@ -223,7 +223,8 @@ def check_memory() -> list:
         rows.append(row)
         log(f"{'PASS' if row['ok'] else 'FAIL'} saved for backward, {pattern}: triton {row['triton_saved_bytes']} B "
             f"(LSE {lse} B), eager {row['eager_saved_bytes']} B (attention matrix {attn} B); peak fwd+bwd "
-            f"triton {row['triton_fwdbwd_peak_bytes'] / 2**20:.1f} MiB, eager {row['eager_fwdbwd_peak_bytes'] / 2**20:.1f} MiB")
+            f"triton {row['triton_fwdbwd_peak_bytes'] / 2**20:.1f} MiB, "
+            f"eager {row['eager_fwdbwd_peak_bytes'] / 2**20:.1f} MiB")
     return rows
 
 

@@ -157,7 +157,8 @@ def _check(launches):
         blocks = {k: v for k, v in launch.constexprs.items()
                   if k.startswith(("BLOCK", "GROUPS", "DQ_", "RELOAD", "DV_SPLIT", "ROWS", "GWB"))}
         rows.append(f"{launch.name:<10} {blocks} warps={launch.num_warps} stages={launch.num_stages}: "
-                    f"smem {stats['shared']} B, {stats['regs']} regs, spills {stats['spill_stores']}/{stats['spill_loads']}")
+                    f"smem {stats['shared']} B, {stats['regs']} regs, "
+                    f"spills {stats['spill_stores']}/{stats['spill_loads']}")
         if stats["shared"] > H100_SMEM:
             failures.append(f"{launch.name} {blocks}: shared memory {stats['shared']} B > {H100_SMEM} B")
         if stats["spill_stores"] or stats["spill_loads"]:

@@ -97,6 +97,9 @@ def padded_trace_size(size: Sequence[int], block_size: Sequence[int] = (8, 8)) -
     A dynamic-shape trace keeps the branch of `ISAHead.forward` it ran: traced where the feature map
     needs padding on both axes, the graph holds the pad and crop with symbolic amounts (zero at sizes
     that need none), so it is right at every size; traced where it needs none, it would not pad at all.
+    torch.export also records a guard for the branch (height padding != 0); the ONNX graph and the
+    AOTInductor package do not check it, which the tests rely on and check at sizes with no, height-only,
+    width-only and both paddings. A branch-free `ISAHead` padding would remove the guard (issue 13).
 
     Example:
         >>> padded_trace_size((512, 1024)), padded_trace_size((65, 97))

@@ -50,7 +50,7 @@ def overlay_with_legend(image: torch.Tensor | np.ndarray, labels: torch.Tensor |
     rows = max(1, (1 << 22) // (3 * w))  # blended in bands: a float copy of a 48-megapixel photo is 576 MB
     for y in range(0, h, rows):
         mixed = rgb[y:y + rows].astype(np.float32) * (1.0 - alpha) + table[array[y:y + rows]] * alpha
-        canvas[y:y + rows, :w] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+        canvas[y:y + len(mixed), :w] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
     canvas[:legend.height, w:] = np.asarray(legend)
     return Image.fromarray(canvas)
 

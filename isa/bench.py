@@ -1,4 +1,4 @@
-"""`isa bench model` and `isa bench kernels`: benchmarks that print a table and write JSON."""
+"""`isa bench model`, `isa bench kernels` and `isa bench data`: benchmarks that print a table and write JSON."""
 from __future__ import annotations
 
 import argparse
@@ -233,7 +233,7 @@ def add_parser(subparsers: Any) -> None:
     """Register `isa bench model` and `isa bench kernels`."""
     from isa_triton import bench as kernel_bench
 
-    bench = subparsers.add_parser("bench", help="benchmarks: `isa bench model`, `isa bench kernels`")
+    bench = subparsers.add_parser("bench", help="benchmarks: `isa bench model`, `isa bench kernels`, `isa bench data`")
     sub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
 
     p = sub.add_parser("model", help="time eval-mode inference of a variant (optimized vs MMSeg's reference path)")

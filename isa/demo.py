@@ -61,7 +61,7 @@ class DemoPlan:
     interp_block: Tuple[int, int]
 
 
-# The default run: 4.4 min on 2 idle CPU cores (training 247 s), val mIoU 11.5 -> 72.5 from random init.
+# The default run: 3-5 min on 2 idle CPU cores, val mIoU 11.5 -> 66-73 from random init (the CPU decides; README).
 FULL = DemoPlan(num_train=40, num_val=8, size_hw=(96, 128), iters=400, batch_size=4, crop_hw=(64, 64), lr=0.03,
                 eval_interval=80, log_interval=5, show_images=4, cpu_shape=(1, 256, 512, 64, 64), cpu_reps=7,
                 interp_shape=(1, 16, 24, 16, 16), interp_block=(4, 4))

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from zoo.utils import DTYPE_CHOICES, parse_dtype, write_bytes_atomic
+from zoo.utils import DTYPE_CHOICES, parse_dtype
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,9 @@ def _size(text: str) -> tuple:
 
 
 def _write_json(path: str, payload: Dict[str, Any]) -> None:
-    write_bytes_atomic(Path(path), (json.dumps(payload, indent=1) + "\n").encode())
+    from eval.report import write_json_atomic
+
+    write_json_atomic(path, payload)
     print(f"wrote {path}")
 
 

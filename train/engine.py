@@ -201,6 +201,7 @@ def _workers(cfg: TrainConfig, ctx: D.DistContext) -> int:
 
 def _write_config(run: Run, per_gpu_batch: int) -> None:
     """config.json: the run's fully resolved configuration, beside its outputs."""
+    from eval.report import write_json_atomic
     from zoo.metadata import project_version
 
     cfg = run.cfg
@@ -211,7 +212,7 @@ def _write_config(run: Run, per_gpu_batch: int) -> None:
                 "world_size": run.ctx.world_size, "per_gpu_batch": per_gpu_batch,
                 "workers": _workers(cfg, run.ctx), "device": str(run.ctx.device), "torch": torch.__version__,
                 "isa_triton": project_version()}
-    write_bytes_atomic(run.work / "config.json", (json.dumps(resolved, indent=1) + "\n").encode())
+    write_json_atomic(run.work / "config.json", resolved)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from zoo.transforms import normalize
+
 from .transforms import (IGNORE_INDEX, CatMaxRandomCrop, PhotoMetricDistortion, RandomRescale, _convert,
                          hsv_to_rgb_uint8, rgb_to_hsv_uint8, resize_image_exact)
 
@@ -380,10 +382,7 @@ def normalize_batch(images: torch.Tensor, labels: torch.Tensor, mean: Sequence[f
     The reference's arithmetic (v2.ToDtype then v2.Normalize: (x - mean) / std in float32), then padded
     pixels (label PAD_LABEL) set to 0 and their labels to 255, as the reference pads after normalising.
     """
-    x = images.to(torch.float32)
-    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    x = x.sub(m).div_(s)
+    x = normalize(images, mean, std)
     if labels.dtype == torch.int64:
         return x, labels  # already final (the reference pipeline's labels)
     pad = labels < 0

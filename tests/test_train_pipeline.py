@@ -9,12 +9,26 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from eval.datasets import ADE20KDataset, CityscapesDataset, DatasetError
+from train import native
 from train import pipeline as P
+from train.decode import decode_image_fast
 from train import transforms as T
 from train.data import TrainSet, collate
 
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
+
+
+@pytest.fixture(params=["native", "torch"])
+def backend(request, monkeypatch):
+    """Both implementations of the fast pipeline: train/native.c's loops, and the PyTorch code that runs
+    where they cannot be built."""
+    if request.param == "native":
+        if native.library() is None:
+            pytest.fail(f"the native loops did not build: {native.why_not()}")
+    else:
+        monkeypatch.setattr(native, "library", lambda: None)
+    return request.param
 
 
 def _blocky_mask(h, w, classes, block, seed):
@@ -61,8 +75,8 @@ class _Recorder:
                 top, left = max(h - crop.crop_size_hw[0], 0), max(w - crop.crop_size_hw[1], 0)
             return top, left, min(crop.crop_size_hw[0], h - top), min(crop.crop_size_hw[1], w - left)
 
-        def choose(crop, h, w, window):
-            out = original_choose(crop, h, w, window)
+        def choose(crop, h, w, window, **kw):
+            out = original_choose(crop, h, w, window, **kw)
             recorder.boxes.append((h, w, out["box"], out["checks"]))
             return out
 
@@ -93,13 +107,13 @@ def _ids(cases):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
-def test_fast_pipeline_equals_the_reference_for_the_same_seeds(monkeypatch, case):
+def test_fast_pipeline_equals_the_reference_for_the_same_seeds(monkeypatch, case, backend):
     _check_case(monkeypatch, case, range(3))  # 7 cases x 3 seeds: 21 seeded draws
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", FULL_SIZE, ids=_ids(FULL_SIZE))
-def test_fast_pipeline_equals_the_reference_at_the_recipe_sizes(monkeypatch, case):
+def test_fast_pipeline_equals_the_reference_at_the_recipe_sizes(monkeypatch, case, backend):
     _check_case(monkeypatch, case, range(4))
 
 
@@ -124,7 +138,7 @@ def _check_case(monkeypatch, case, seeds):
         assert all(box[:2] == (0, 0) for _, _, box, _ in fast_boxes)
 
 
-def test_fast_pipeline_equals_the_reference_through_cat_max_ratio_redraws(monkeypatch):
+def test_fast_pipeline_equals_the_reference_through_cat_max_ratio_redraws(monkeypatch, backend):
     rec = _Recorder(monkeypatch)
     image, mask = _image(256, 512, 1), torch.zeros(256, 512, dtype=torch.uint8)
     mask[:40, :60] = 1  # mostly one class: most boxes fail the check and are redrawn
@@ -231,7 +245,7 @@ def _write_ade(root, sizes):
 
 
 @pytest.mark.parametrize("dataset", ["cityscapes", "ade20k"])
-def test_train_set_fast_path_equals_the_reference_path_from_the_files(tmp_path, dataset):
+def test_train_set_fast_path_equals_the_reference_path_from_the_files(tmp_path, dataset, backend):
     if dataset == "cityscapes":
         reader = _write_cityscapes(tmp_path, [(96, 192), (97, 191)])
         kw = dict(crop_size_hw=(48, 96), img_scale_wh=(192, 96))
@@ -249,7 +263,7 @@ def test_train_set_fast_path_equals_the_reference_path_from_the_files(tmp_path, 
         assert reader.reduce_zero_label
 
 
-def test_train_set_fast_path_keeps_the_readers_named_errors(tmp_path):
+def test_train_set_fast_path_keeps_the_readers_named_errors(tmp_path, backend):
     reader = _write_cityscapes(tmp_path, [(40, 60), (40, 60)])
     ts = TrainSet(reader, P.RecipePipeline((32, 32), (60, 40)))
     reader.samples[0].image_path.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
@@ -269,6 +283,6 @@ def test_decode_image_fast_reads_rgb_png_and_jpeg_and_declines_the_rest(tmp_path
     Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
     Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
     for name in ("a.png", "a.jpg"):
-        assert torch.equal(P.decode_image_fast(tmp_path / name), read_image(tmp_path / name))
+        assert torch.equal(decode_image_fast(tmp_path / name), read_image(tmp_path / name))
     for name in ("grey.png", "palette.png", "missing.png"):
-        assert P.decode_image_fast(tmp_path / name) is None
+        assert decode_image_fast(tmp_path / name) is None

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from eval.datasets import read_mask
 
-from .pipeline import RecipePipeline, decode_image_fast
+from .decode import PngRows, decode_image_fast
+from .pipeline import InvalidLabels, Labels, RecipePipeline
 
 IGNORE_INDEX = 255
 _MASK64 = (1 << 64) - 1
@@ -103,11 +104,13 @@ class IterationBatchSampler(Sampler):
 class TrainSet(Dataset):
     """Wraps an `eval.datasets` reader: `[(index, seed)] -> (image, label)` through `transforms`.
 
-    With a `train.pipeline.RecipePipeline` (what training uses) the image is decoded with
-    `decode_image_fast` (the reader's Pillow decode is the fallback, and raises its named errors), the
-    mask comes from the reader's checked `load_mask`, and the sample is `(uint8 (3, h, w), int16 (h, w))`
-    to be finished by `normalize_batch` on the device. With the reference v2 pipeline
-    (`build_train_transforms`) it is `(float (3, h, w), int64 (h, w))`, as the reader returns it.
+    With a `train.pipeline.RecipePipeline` (what training uses) the files are opened for the pipeline to
+    decode as far as it reads (`train.decode.PngRows` for 8-bit PNGs; JPEGs through `decode_image_fast`),
+    the stored mask values go through the reader's own mapping as a 256-entry table, and the sample is
+    `(uint8 (3, h, w), int16 (h, w))` to be finished by `normalize_batch` on the device. Any file this
+    path declines, or a value the reader would refuse, goes through the reader itself (Pillow, and its
+    named errors). With the reference v2 pipeline (`build_train_transforms`) the sample is
+    `(float (3, h, w), int64 (h, w))`, as the reader returns it.
 
     The transform runs under `torch.random.fork_rng` seeded with the sample's seed, so it neither
     reads nor disturbs the caller's RNG. A reader whose ignore_index is not 255 is remapped to 255,
@@ -123,66 +126,82 @@ class TrainSet(Dataset):
         if num_classes > IGNORE_INDEX:
             raise ValueError(f"{num_classes} classes collide with the ignore label 255 used in training")
         if self.fast:
-            transforms.warm_up()  # its tables are built here, once, and shared by forked workers
+            transforms.warm_up()  # tables and the native loops, once, shared by forked workers
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def _read(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.fast and hasattr(self.base, "load_mask") and hasattr(self.base, "samples"):
-            image = decode_image_fast(self.base.samples[index].image_path)
-            if image is not None:
-                mask = self._mask(index)
-                if tuple(image.shape[-2:]) == tuple(mask.shape):
-                    return image, mask
-        # the reader's own path: Pillow, and its named errors (corrupt image, size mismatch, ...)
-        image, mask, _meta = self.base[index]
-        return image, mask
+    def _sources(self, index: int) -> Optional[Tuple[Any, Labels]]:
+        """The image (tensor or PNG rows) and `Labels` of sample `index` for the fast pipeline, or None
+        where only the reader can read them."""
+        base = self.base
+        if not (hasattr(base, "load_mask") and hasattr(base, "samples")):
+            return None
+        sample = base.samples[index]
+        image = PngRows.open(sample.image_path, colour_types=(2,)) or decode_image_fast(sample.image_path)
+        if image is None:
+            return None
+        labels = self._labels(index)
+        image_hw = image.size_hw if isinstance(image, PngRows) else tuple(image.shape[-2:])
+        return (image, labels) if labels is not None and tuple(image_hw) == labels.size_hw else None
 
-    def _mask(self, index: int) -> torch.Tensor:
-        """The reader's `load_mask(index)`, through a 256-entry table when the stored mask is 8-bit.
-
-        The table is the reader's own mapping (`reduce_zero_label_`) of every stored value; a mask with
-        a value that maps outside the classes goes to `load_mask`, which raises its named error.
-        """
+    def _labels(self, index: int) -> Optional[Labels]:
+        """The stored 8-bit mask with the reader's mapping (`reduce_zero_label_`, the ignore index to 255)
+        as a table; masks the reader maps otherwise (label_map, colour palettes) are read by it."""
         base = self.base
         if base.meta.label_map or getattr(base, "mask_palette", None) is not None:
-            return base.load_mask(index)
-        raw = read_mask(base.samples[index].mask_path)
-        if raw.dtype != np.uint8 or raw.ndim != 2:
-            return base.load_mask(index)
-        lut, valid = _label_table(bool(base.reduce_zero_label), int(base.ignore_index), int(base.num_classes))
-        mask = torch.from_numpy(np.array(raw))  # (Pillow's array is read-only)
-        present = torch.bincount(mask.reshape(-1), minlength=256) > 0
-        if bool((present & ~valid).any()):
-            return base.load_mask(index)
-        return mask if lut is None else lut.index_select(0, mask.reshape(-1).to(torch.int32)).view(mask.shape)
+            mask = base.load_mask(index)
+            if self.ignore_index != IGNORE_INDEX:
+                mask = mask.masked_fill(mask == self.ignore_index, IGNORE_INDEX)
+            return Labels(mask.to(torch.uint8))  # values < 256: classes <= 255, ignore 255
+        lut, valid = _label_table(bool(base.reduce_zero_label), self.ignore_index, int(base.num_classes))
+        path = base.samples[index].mask_path
+        stored = PngRows.open(path, colour_types=(0, 3))
+        if stored is None:
+            raw = read_mask(path)
+            if raw.dtype != np.uint8 or raw.ndim != 2:
+                return None
+            stored = torch.from_numpy(np.array(raw))  # (Pillow's array is read-only)
+        return Labels(stored, lut, valid)
 
     def __getitem__(self, key: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
         index, seed = key
-        image, mask = self._read(index)
+        sources = self._sources(index) if self.fast else None
+        if sources is not None:
+            try:
+                return self._transform(seed, *sources)
+            except (InvalidLabels, ValueError):
+                pass  # a corrupt stream or a refused value: the reader below names it
+        image, mask, _meta = self.base[index]
         if self.ignore_index != IGNORE_INDEX:
             mask = mask.masked_fill(mask == self.ignore_index, IGNORE_INDEX)
         if self.fast and mask.dtype != torch.uint8:
             mask = mask.to(torch.uint8)  # values are now < 256 (classes <= 255, ignore 255)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            image, mask = self.transforms(image, mask)
-        image, label = image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+        image, label = self._transform(seed, image, mask)
         return image, (label if self.fast else label.to(torch.int64))
+
+    def _transform(self, seed: int, image: Any, mask: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        with torch.random.fork_rng(devices=[]):
+            # the CPU generator is all the transforms draw from (torch.manual_seed would also queue seeds
+            # for every lazily initialised device, a stack trace each: a tenth of an ADE20K sample's time)
+            torch.default_generator.manual_seed(seed)
+            image, mask = self.transforms(image, mask)
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
 
 
 @functools.lru_cache(maxsize=8)
 def _label_table(reduce_zero_label: bool, ignore_index: int, num_classes: int
                  ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-    """(label of each stored 8-bit value, or None for the identity; whether each stored value is valid)."""
+    """(label of each stored 8-bit value, the ignore index mapped to 255, or None for the identity;
+    whether each stored value is valid)."""
     from eval.metrics import reduce_zero_label_
 
     stored = torch.arange(256)
     label = reduce_zero_label_(stored, ignore_index) if reduce_zero_label else stored
     valid = ((label >= 0) & (label < num_classes)) | (label == ignore_index)
-    if not reduce_zero_label:
+    if not reduce_zero_label and ignore_index == IGNORE_INDEX:
         return None, valid
+    label = label.masked_fill(label == ignore_index, IGNORE_INDEX)
     return label.clamp(0, 255).to(torch.uint8), valid
 
 

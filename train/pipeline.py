@@ -31,18 +31,20 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
-import warnings
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from zoo.transforms import normalize
 
-from .transforms import (IGNORE_INDEX, CatMaxRandomCrop, PhotoMetricDistortion, RandomRescale, _convert,
-                         hsv_to_rgb_uint8, rgb_to_hsv_uint8, resize_image_exact)
+from . import native
+from .decode import PngRows
+from .transforms import (_HDIV180, _SDIV, IGNORE_INDEX, CatMaxRandomCrop, PhotoMetricDistortion, RandomRescale,
+                         _convert, hsv_to_rgb_uint8, rgb_to_hsv_uint8, resize_image_exact)
 
 PAD_LABEL = -1  # label of padded pixels in the worker's int16 labels; `normalize_batch` turns it into 255
 _TIE = 1e-3  # estimates this close to a rounding tie are recomputed exactly (the estimate errs by ~1e-4)
@@ -265,63 +267,6 @@ def _hsv_steps(img: torch.Tensor, steps: Sequence[Any], use_tables: bool) -> tor
 
 
 # --------------------------------------------------------------------------------------------------
-# decoding
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def decode_image_fast(path: Any) -> Optional[torch.Tensor]:
-    """Decode an 8-bit RGB PNG or a 3-component JPEG with torchvision.io (libpng / libjpeg-turbo: faster
-    than Pillow, the same pixels: PNG is lossless and the JPEG decoders agree bit for bit here) to a
-    uint8 (3, H, W) tensor; None for any other file or any failure, so that the caller falls back to the
-    dataset reader (Pillow, with its named errors)."""
-    try:
-        tio = _torchvision_io()
-        with open(path, "rb") as f:
-            data = f.read()
-        if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and data[24] == 8 and data[25] == 2:
-            kind = "png"  # bit depth 8, colour type 2 (RGB): what libpng and Pillow read identically
-        elif data[:2] == b"\xff\xd8" and _jpeg_components(data) == 3:
-            kind = "jpeg"
-        else:
-            return None
-        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        with warnings.catch_warnings():
-            # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they are what is fast
-            # here, and a missing one falls back to Pillow
-            warnings.simplefilter("ignore", DeprecationWarning)
-            if kind == "png":
-                return tio.decode_png(buffer, mode=tio.ImageReadMode.RGB)
-            return tio.decode_jpeg(buffer, mode=tio.ImageReadMode.RGB)
-    except (ImportError, AttributeError, OSError, RuntimeError, ValueError, IndexError):
-        return None
-
-
-@functools.lru_cache(maxsize=1)
-def _torchvision_io() -> Any:
-    import torchvision.io as tio
-
-    return tio
-
-
-def _jpeg_components(data: bytes) -> int:
-    """Number of colour components in the JPEG's frame header (0 if not found)."""
-    pos = 2
-    while pos + 9 < len(data):
-        if data[pos] != 0xFF:
-            return 0
-        marker = data[pos + 1]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            pos += 2
-            continue
-        length = (data[pos + 2] << 8) | data[pos + 3]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
-            return data[pos + 9]
-        pos += 2 + length
-    return 0
-
-
-# --------------------------------------------------------------------------------------------------
 # the pipeline
 
 class RecipePipeline:
@@ -342,14 +287,25 @@ class RecipePipeline:
         self.crop_size_hw = self.crop.crop_size_hw
 
     def warm_up(self) -> None:
-        """Build the HSV tables now if crops will use them (in the main process, so forked workers share them)."""
+        """Load the native loops (building them on first use), or else build the HSV tables if crops will
+        use them: in the main process, so that forked workers share them."""
+        if native.library() is not None:
+            return
         if self.distortion is not None and self.crop_size_hw[0] * self.crop_size_hw[1] >= TABLE_MIN_PIXELS:
             _hsv_tables()
 
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(3, H, W) uint8 RGB and (H, W) labels -> (3, h, w) uint8 and (h, w) int16 (`PAD_LABEL` where padded)."""
-        image, mask = image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
-        size_hw = self.rescale.make_params([mask])["size_hw"]
+    def __call__(self, image: Union[torch.Tensor, PngRows], mask: Union[torch.Tensor, "Labels"]
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(3, H, W) uint8 RGB (or its PNG rows) and (H, W) labels (or `Labels`) -> (3, h, w) uint8 and
+        (h, w) int16 (`PAD_LABEL` where padded). Raises `InvalidLabels` for a stored mask value `Labels`
+        does not allow (in a window the pipeline reads)."""
+        labels = mask if isinstance(mask, Labels) else Labels(mask)
+        lib = native.library()
+        if lib is not None:
+            return self._native(lib, image, labels)
+        image = image.as_subclass(torch.Tensor) if isinstance(image, torch.Tensor) else _planes(image)
+        mask = labels.whole()
+        size_hw = self.rescale.draw(*mask.shape[-2:])["size_hw"]
 
         def window(top: int, left: int, height: int, width: int) -> torch.Tensor:
             return mask_window(mask, size_hw, top, left, height, width)
@@ -363,6 +319,143 @@ class RecipePipeline:
         if self.distortion is not None:
             img = photometric(img, self.distortion.make_params([]))
         return pad_to(img, label, self.crop_size_hw)
+
+    def _native(self, lib: Any, image: Union[torch.Tensor, PngRows], labels: "Labels"
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`__call__` with the loops in `train/native.c`: the same draws in the same order, and only the
+        rows of the files down to the last one a window reads are decoded."""
+        in_h, in_w = labels.size_hw
+        size_hw = self.rescale.draw(in_h, in_w)["size_hw"]
+        rows_of, cols_of = _nearest_index(in_h, size_hw[0]), _nearest_index(in_w, size_hw[1])
+
+        def histogram(top: int, left: int, height: int, width: int, out: Optional[torch.Tensor] = None,
+                      flip: bool = False) -> torch.Tensor:
+            rows, cols = rows_of[top:top + height], cols_of[left:left + width]
+            return labels.window(lib, rows, cols.flip(0) if flip else cols, out)
+
+        top, left, height, width = self.crop.choose_box(size_hw[0], size_hw[1], histogram, histogram=True)["box"]
+        flip = bool(torch.rand(1) < self.flip_prob)  # v2.RandomHorizontalFlip's draw
+        ch, cw = self.crop_size_hw
+        label = torch.full((ch, cw), PAD_LABEL, dtype=torch.int16)
+        histogram(top, left, height, width, label, flip)
+        params = self.distortion.make_params([]) if self.distortion is not None else None
+        img = torch.zeros((3, ch, cw), dtype=torch.uint8)
+        if sum(size_hw) > 128:
+            _resize_distort(lib, image, (in_h, in_w), size_hw, (top, left, height, width), flip, params, img)
+        else:  # PyTorch resizes small outputs with another kernel: `resize_window` knows it
+            planes = image.as_subclass(torch.Tensor) if isinstance(image, torch.Tensor) else _planes(image)
+            small = resize_window(planes, size_hw, top, left, height, width, flip)
+            img[:, :height, :width] = small if params is None else photometric(small, params)
+        return img, label
+
+
+class InvalidLabels(ValueError):
+    """A mask holds a stored value its dataset does not allow (the reader's `load_mask` names it)."""
+
+
+@dataclasses.dataclass
+class Labels:
+    """A mask for the pipeline: its stored 8-bit values (a (H, W) tensor, or PNG rows read on demand),
+    `lut` (256 uint8) from stored values to labels (None: the same), and `valid` (256 bool): the stored
+    values allowed (None: all)."""
+
+    stored: Union[torch.Tensor, PngRows]
+    lut: Optional[torch.Tensor] = None
+    valid: Optional[torch.Tensor] = None
+
+    @property
+    def size_hw(self) -> Tuple[int, int]:
+        if isinstance(self.stored, PngRows):
+            return self.stored.size_hw
+        return (int(self.stored.shape[-2]), int(self.stored.shape[-1]))
+
+    def whole(self) -> torch.Tensor:
+        """The whole label map (H, W), checked and mapped."""
+        stored = self.stored.as_subclass(torch.Tensor) if isinstance(self.stored, torch.Tensor) else \
+            self.stored.rows(self.size_hw[0])[..., 0]
+        if self.valid is not None:
+            self._check(torch.bincount(stored.reshape(-1).to(torch.int64), minlength=256))
+        if self.lut is None:
+            return stored
+        return self.lut.index_select(0, stored.reshape(-1).to(torch.int32)).view(stored.shape)
+
+    def window(self, lib: Any, rows: torch.Tensor, cols: torch.Tensor, out: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
+        """Histogram (256) of the labels at rows x cols (int64 source indices, rows increasing), written to
+        `out` (int16, its top-left corner) if given."""
+        stored = self.stored.rows(int(rows[-1]) + 1)[..., 0] if isinstance(self.stored, PngRows) else self.stored
+        if stored.dtype != torch.uint8 or stored.stride(-1) != 1:
+            stored = stored.to(torch.uint8).contiguous()
+        stored_hist = torch.zeros(256, dtype=torch.int64)
+        lib.mask_window(stored.data_ptr(), stored.stride(0), rows.data_ptr(), len(rows), cols.data_ptr(), len(cols),
+                        None if self.lut is None else self.lut.data_ptr(), None if out is None else out.data_ptr(),
+                        0 if out is None else out.stride(0), stored_hist.data_ptr())
+        if self.valid is not None:
+            self._check(stored_hist)
+        if self.lut is None:
+            return stored_hist
+        return torch.zeros(256, dtype=torch.int64).index_add_(0, self.lut.to(torch.int64), stored_hist)
+
+    def _check(self, stored_hist: torch.Tensor) -> None:
+        bad = ((stored_hist > 0) & ~self.valid).nonzero().flatten().tolist()
+        if bad:
+            raise InvalidLabels(f"stored mask values {bad} are not classes of this dataset")
+
+
+def _planes(rows: PngRows) -> torch.Tensor:
+    """All of a PNG's rows as (C, H, W)."""
+    return rows.rows(rows.size_hw[0]).permute(2, 0, 1)
+
+
+def _resize_distort(lib: Any, image: Union[torch.Tensor, PngRows], in_hw: Tuple[int, int], size_hw: Tuple[int, int],
+                    box: Tuple[int, int, int, int], flip: bool, params: Optional[Dict[str, Any]],
+                    out: torch.Tensor) -> None:
+    """The crop `box` of the image resized to `size_hw` (flipped), distorted with `params`, into the
+    top-left corner of `out` (3, ch, cw) uint8."""
+    top, left, height, width = box
+    y0, y1, h0, h1 = (t[top:top + height] for t in _linear_coeffs(in_hw[0], size_hw[0]))
+    cols = torch.arange(left, left + width)
+    if flip:
+        cols = cols.flip(0)
+    x0, x1, w0, w1 = (t.index_select(0, cols) for t in _linear_coeffs(in_hw[1], size_hw[1]))
+    r_lo, r_hi = int(y0[0]), int(y1.max()) + 1
+    if isinstance(image, PngRows):
+        src = image.rows(r_hi)  # (rows, W, 3)
+        sy, sx, sc = src.stride()
+    else:
+        src = image.as_subclass(torch.Tensor)
+        sc, sy, sx = src.stride()
+    # per output value (column, channel): the byte offsets of its two source values in a row, and weights
+    channel = torch.arange(3) * sc
+    x0, x1 = ((x.view(-1, 1) * sx + channel).reshape(-1) for x in (x0, x1))
+    w0, w1 = (w.repeat_interleave(3) for w in (w0, w1))
+    rows = r_hi - r_lo
+    work = torch.empty((rows, width, 3), dtype=torch.float32)
+    done = torch.empty(rows, dtype=torch.uint8)
+    rowbuf = torch.empty(width * 3, dtype=torch.uint8)
+    pre = sat = post = None
+    hue = None
+    if params is not None:
+        if params.get("brightness") is not None:
+            pre = _lut(beta=params["brightness"])
+        if params["contrast_first"] and params.get("contrast") is not None:
+            contrast = _lut(alpha=params["contrast"])
+            pre = contrast if pre is None else contrast.index_select(0, pre.to(torch.int32))
+        if params.get("saturation") is not None:
+            sat = _lut(alpha=params["saturation"])
+        hue = params.get("hue")
+        if not params["contrast_first"] and params.get("contrast") is not None:
+            post = _lut(alpha=params["contrast"])
+    # every tensor whose address goes to C is held by a name until the call returns
+    y0, y1 = (y0 - r_lo).contiguous(), (y1 - r_lo).contiguous()
+    h0, h1 = h0.contiguous(), h1.contiguous()
+    sdiv, hdiv = _SDIV.contiguous(), _HDIV180.contiguous()
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    lib.resize_distort(src.data_ptr() + r_lo * sy, sy, rows, height, width,
+                       y0.data_ptr(), y1.data_ptr(), h0.data_ptr(), h1.data_ptr(), x0.data_ptr(), x1.data_ptr(),
+                       w0.data_ptr(), w1.data_ptr(), work.data_ptr(), done.data_ptr(), rowbuf.data_ptr(),
+                       ptr(pre), ptr(sat), int(hue is not None), int(hue or 0), ptr(post), int(params is not None),
+                       sdiv.data_ptr(), hdiv.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1))
 
 
 def pad_to(image: torch.Tensor, label: torch.Tensor, size_hw: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -90,7 +90,10 @@ class RandomRescale(_Transform):
         self.ratio_range = (float(lo), float(hi))
 
     def make_params(self, flat_inputs: List[Any]) -> Dict[str, Any]:
-        h, w = v2.query_size(flat_inputs)
+        return self.draw(*v2.query_size(flat_inputs))
+
+    def draw(self, h: int, w: int) -> Dict[str, Any]:
+        """The ratio and the resized size of an (h, w) image (one draw of the RNG)."""
         lo, hi = self.ratio_range
         ratio = torch.rand((), dtype=torch.float64).item() * (hi - lo) + lo  # numpy random_sample rule
         target_wh = (int(self.img_scale_wh[0] * ratio), int(self.img_scale_wh[1] * ratio))
@@ -108,6 +111,12 @@ def crop_is_acceptable(mask_crop: torch.Tensor, cat_max_ratio: float, ignore_ind
     """MMSeg's crop check: > 1 non-ignored class and the largest class share < cat_max_ratio."""
     flat = mask_crop.reshape(-1)
     counts = torch.bincount(flat if flat.dtype == torch.uint8 else flat.to(torch.int64), minlength=ignore_index + 1)
+    return histogram_is_acceptable(counts, cat_max_ratio, ignore_index)
+
+
+def histogram_is_acceptable(counts: torch.Tensor, cat_max_ratio: float, ignore_index: int = IGNORE_INDEX) -> bool:
+    """`crop_is_acceptable` from the crop's label histogram (`counts[label]` pixels of each label)."""
+    counts = counts.clone()
     counts[ignore_index] = 0
     counts = counts[counts > 0]
     return len(counts) > 1 and counts.max().item() / counts.sum().item() < cat_max_ratio
@@ -142,16 +151,18 @@ class CatMaxRandomCrop(_Transform):
         window = None if mask is None else (lambda top, left, ch, cw: mask[..., top:top + ch, left:left + cw])
         return self.choose_box(h, w, window)
 
-    def choose_box(self, h: int, w: int, window: Optional[Callable[[int, int, int, int], torch.Tensor]]
-                   ) -> Dict[str, Any]:
+    def choose_box(self, h: int, w: int, window: Optional[Callable[[int, int, int, int], torch.Tensor]],
+                   histogram: bool = False) -> Dict[str, Any]:
         """The crop box of an (h, w) image; `window(top, left, height, width)` gives the mask inside a box
-        (None: no mask, no check). The fast pipeline passes a window that resizes only that box."""
+        (None: no mask, no check), or with `histogram` its label histogram. The fast pipeline passes a
+        window that resizes only that box."""
         box = self._draw(h, w)
         checks = 0
         if self.cat_max_ratio < 1.0 and window is not None:
+            accept = histogram_is_acceptable if histogram else crop_is_acceptable
             for _ in range(self.max_checks):
                 checks += 1
-                if crop_is_acceptable(window(*box), self.cat_max_ratio, self.ignore_index):
+                if accept(window(*box), self.cat_max_ratio, self.ignore_index):
                     break
                 box = self._draw(h, w)
         return {"box": box, "checks": checks}

@@ -1,0 +1,302 @@
+/* The training pipeline's inner loops (train/native.py compiles this file with the system C compiler and
+ * loads it with ctypes; train/pipeline.py calls it). Every function reproduces the arithmetic of the
+ * reference pipeline (train/transforms.py) bit for bit; the tests compare them on random inputs.
+ *
+ * Built with -ffp-contract=off: a compiler must not fuse a * b + c where the reference rounds twice
+ * (aarch64 compilers fuse by default); where the reference fuses, the product is exact in double and
+ * the sum is rounded once to float, as train/pipeline.py's _fma does.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <stdlib.h>
+
+/* The Paeth predictor, branch-free (noisy photos make its choice unpredictable) */
+static inline int paeth(int a, int b, int c)
+{
+    const int pa = abs(b - c), pb = abs(a - c), pc = abs(a + b - 2 * c);
+    const int ab = pb <= pc ? b : c;
+    return (pa <= pb && pa <= pc) ? a : ab;
+}
+
+/* Paeth rows of 3 and 1 bytes a pixel, the left and upper-left pixels carried in registers */
+static void paeth3(const uint8_t *src, const uint8_t *prev, uint8_t *dst, int64_t rowbytes)
+{
+    int a0 = 0, a1 = 0, a2 = 0, c0 = 0, c1 = 0, c2 = 0;
+    for (int64_t i = 0; i + 2 < rowbytes; i += 3) {
+        const int b0 = prev[i], b1 = prev[i + 1], b2 = prev[i + 2];
+        a0 = (uint8_t)(src[i] + paeth(a0, b0, c0));
+        a1 = (uint8_t)(src[i + 1] + paeth(a1, b1, c1));
+        a2 = (uint8_t)(src[i + 2] + paeth(a2, b2, c2));
+        dst[i] = (uint8_t)a0; dst[i + 1] = (uint8_t)a1; dst[i + 2] = (uint8_t)a2;
+        c0 = b0; c1 = b1; c2 = b2;
+    }
+}
+
+static void paeth1(const uint8_t *src, const uint8_t *prev, uint8_t *dst, int64_t rowbytes)
+{
+    int a = 0, c = 0;
+    for (int64_t i = 0; i < rowbytes; i++) {
+        const int b = prev[i];
+        a = (uint8_t)(src[i] + paeth(a, b, c));
+        dst[i] = (uint8_t)a;
+        c = b;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * PNG scanline filters (PNG spec section 9): `rows` filtered scanlines of 1 + rowbytes bytes each in
+ * `in`, unfiltered into `out` (rows x rowbytes); `prev` is the unfiltered row above the first one
+ * (NULL at the top of the image). Returns 0, or 1 + the row of the first unknown filter type.
+ */
+int64_t png_unfilter(const uint8_t *in, int64_t rows, int64_t rowbytes, int64_t bpp,
+                     const uint8_t *prev, uint8_t *out)
+{
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t filter = in[0];
+        const uint8_t *src = in + 1;
+        uint8_t *dst = out + r * rowbytes;
+        int64_t i;
+        switch (filter) {
+        case 0:
+            memcpy(dst, src, (size_t)rowbytes);
+            break;
+        case 1: /* Sub */
+            for (i = 0; i < bpp && i < rowbytes; i++) dst[i] = src[i];
+            for (; i < rowbytes; i++) dst[i] = (uint8_t)(src[i] + dst[i - bpp]);
+            break;
+        case 2: /* Up */
+            if (prev) for (i = 0; i < rowbytes; i++) dst[i] = (uint8_t)(src[i] + prev[i]);
+            else memcpy(dst, src, (size_t)rowbytes);
+            break;
+        case 3: /* Average */
+            for (i = 0; i < bpp && i < rowbytes; i++) dst[i] = (uint8_t)(src[i] + ((prev ? prev[i] : 0) >> 1));
+            for (; i < rowbytes; i++)
+                dst[i] = (uint8_t)(src[i] + ((dst[i - bpp] + (prev ? prev[i] : 0)) >> 1));
+            break;
+        case 4: /* Paeth */
+            if (!prev) { /* above is zero: the predictor is the left byte */
+                for (i = 0; i < bpp && i < rowbytes; i++) dst[i] = src[i];
+                for (; i < rowbytes; i++) dst[i] = (uint8_t)(src[i] + dst[i - bpp]);
+                break;
+            }
+            if (bpp == 3) paeth3(src, prev, dst, rowbytes);
+            else if (bpp == 1) paeth1(src, prev, dst, rowbytes);
+            else {
+                for (i = 0; i < bpp && i < rowbytes; i++) dst[i] = (uint8_t)(src[i] + prev[i]);
+                for (; i < rowbytes; i++) dst[i] = (uint8_t)(src[i] + paeth(dst[i - bpp], prev[i], prev[i - bpp]));
+            }
+            break;
+        default:
+            return r + 1;
+        }
+        prev = dst;
+        in += 1 + rowbytes;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * The window of a nearest-neighbour mask resize: the stored values mask[rows[i]][cols[j]], their
+ * histogram added to hist[256], and (out not NULL) lut[value] (lut NULL: the value) written as int16 to
+ * out (row stride out_stride).
+ */
+void mask_window(const uint8_t *mask, int64_t stride, const int64_t *rows, int64_t nrows, const int64_t *cols,
+                 int64_t ncols, const uint8_t *lut, int16_t *out, int64_t out_stride, int64_t *hist)
+{
+    uint32_t sub[4][256]; /* four histograms: runs of one label would stall on a single counter */
+    memset(sub, 0, sizeof sub);
+    for (int64_t i = 0; i < nrows; i++) {
+        const uint8_t *src = mask + rows[i] * stride;
+        int64_t j = 0;
+        for (; j + 3 < ncols; j += 4) {
+            sub[0][src[cols[j]]]++; sub[1][src[cols[j + 1]]]++;
+            sub[2][src[cols[j + 2]]]++; sub[3][src[cols[j + 3]]]++;
+        }
+        for (; j < ncols; j++) sub[0][src[cols[j]]]++;
+        if (out) {
+            int16_t *dst = out + i * out_stride;
+            if (lut) for (j = 0; j < ncols; j++) dst[j] = lut[src[cols[j]]];
+            else for (j = 0; j < ncols; j++) dst[j] = src[cols[j]];
+        }
+    }
+    for (int v = 0; v < 256; v++) hist[v] += (int64_t)sub[0][v] + sub[1][v] + sub[2][v] + sub[3][v];
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * OpenCV's 8-bit HSV conversions (hue range 180), as train/transforms.py's rgb_to_hsv_uint8 and
+ * hsv_to_rgb_uint8: RGB2HSV_b in fixed point with the caller's sdiv/hdiv tables, HSV2RGB_b in float32
+ * (vector path: outputs truncated; from column `scalar_from` on (the last W mod 32 pixels of a row, which
+ * OpenCV converts with scalar code): rounded half to even). A chunk of pixels at a time, each step a
+ * branch-free loop over the chunk, so that the compiler vectorises them.
+ */
+#define CHUNK 64
+
+static void rgb_to_hsv(const int32_t *r, const int32_t *g, const int32_t *b, int m, const int32_t *sdiv,
+                       const int32_t *hdiv, int32_t *h, int32_t *s, int32_t *v)
+{
+    int32_t diff[CHUNK], sd[CHUNK], hd[CHUNK];
+    for (int i = 0; i < m; i++) {
+        const int32_t hi = r[i] > g[i] ? r[i] : g[i], lo = r[i] < g[i] ? r[i] : g[i];
+        v[i] = hi > b[i] ? hi : b[i];
+        diff[i] = v[i] - (lo < b[i] ? lo : b[i]);
+    }
+    for (int i = 0; i < m; i++) { sd[i] = sdiv[v[i]]; hd[i] = hdiv[diff[i]]; }
+    for (int i = 0; i < m; i++) {
+        s[i] = (diff[i] * sd[i] + (1 << 11)) >> 12;
+        /* OpenCV tests v == r first, then v == g */
+        /* selects as masks: compilers turn ?: chains into branches, which stop the vectoriser */
+        const int32_t is_r = -(int32_t)(v[i] == r[i]), is_g = -(int32_t)(v[i] == g[i]) & ~is_r;
+        const int32_t hh = (is_r & (g[i] - b[i])) | (is_g & (b[i] - r[i] + 2 * diff[i])) |
+                           (~(is_r | is_g) & (r[i] - g[i] + 4 * diff[i]));
+        const int32_t q = (hh * hd[i] + (1 << 11)) >> 12; /* arithmetic shift: a floor division (GCC, Clang) */
+        h[i] = q + (180 & -(int32_t)(q < 0));
+    }
+}
+
+static inline uint32_t fbits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+static inline float bitsf(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+
+/* clamp(trunc(x), 0, 255): for x in (-1, 256) an int conversion truncates as truncf does */
+static inline int32_t trunc_u8(float x) { return x <= 0.0f ? 0 : (x >= 255.0f ? 255 : (int32_t)x); }
+
+static void hsv_to_rgb(const int32_t *h, const int32_t *s, const int32_t *v, int m, int scalar_from,
+                       int32_t *r, int32_t *g, int32_t *b)
+{
+    float fr[CHUNK], fg[CHUNK], fb[CHUNK];
+    for (int i = 0; i < m; i++) {
+        const float hf = (float)h[i] * (float)(6.0 / 180.0);
+        const float sf = (float)s[i] * (float)(1.0 / 255.0);
+        const float vf = (float)v[i] * (float)(1.0 / 255.0);
+        const int32_t k = (int32_t)hf; /* truncf: hf >= 0; below 6 since h < 180 */
+        const float frac = hf - (float)k;
+        const float t2 = (float)(1.0 - (double)sf * (double)frac);
+        const float t3 = (float)(1.0 - (double)sf * (double)(1.0f - frac));
+        const float tab0 = vf, tab1 = vf * (1.0f - sf), tab2 = vf * t2, tab3 = vf * t3;
+        /* OpenCV's sector_data: (b, g, r) = tab rows {1,3,0} {1,0,2} {3,0,1} {0,2,1} {0,1,3} {2,1,0} */
+        /* the sector's rows picked with bit masks: compilers turn selects into branches here, which
+           stop the vectoriser */
+        const uint32_t m0 = -(uint32_t)(k == 0), m1 = -(uint32_t)(k == 1), m2 = -(uint32_t)(k == 2),
+                       m3 = -(uint32_t)(k == 3), m4 = -(uint32_t)(k == 4), m5 = -(uint32_t)(k == 5);
+        const uint32_t u0 = fbits(tab0), u1 = fbits(tab1), u2 = fbits(tab2), u3 = fbits(tab3);
+        fb[i] = bitsf(((m0 | m1) & u1) | (m2 & u3) | ((m3 | m4) & u0) | (m5 & u2));
+        fg[i] = bitsf((m0 & u3) | ((m1 | m2) & u0) | (m3 & u2) | ((m4 | m5) & u1));
+        fr[i] = bitsf(((m0 | m5) & u0) | (m1 & u2) | ((m2 | m3) & u1) | (m4 & u3));
+    }
+    const int vec = m < scalar_from ? m : (scalar_from > 0 ? scalar_from : 0);
+    for (int i = 0; i < vec; i++) {
+        r[i] = trunc_u8(fr[i] * 255.0f);
+        g[i] = trunc_u8(fg[i] * 255.0f);
+        b[i] = trunc_u8(fb[i] * 255.0f);
+    }
+    for (int i = vec; i < m; i++) {
+        r[i] = trunc_u8(rintf(fr[i] * 255.0f));
+        g[i] = trunc_u8(rintf(fg[i] * 255.0f));
+        b[i] = trunc_u8(rintf(fb[i] * 255.0f));
+    }
+}
+
+/* The photometric distortion's steps in MMSeg's order on n interleaved RGB pixels of one row:
+ * `pre`: brightness then contrast-first as one table; `sat`: saturation table of S or NULL; `hue`: added
+ * to H mod 180 when has_hue; `post`: contrast-last table or NULL; columns >= scalar_from use OpenCV's
+ * scalar HSV -> RGB rounding. */
+static void distort(uint8_t *px, int64_t n, const uint8_t *pre, const uint8_t *sat, int has_hue, int hue,
+                    const uint8_t *post, int64_t scalar_from, const int32_t *sdiv, const int32_t *hdiv)
+{
+    int32_t r[CHUNK], g[CHUNK], b[CHUNK], h[CHUNK], s[CHUNK], v[CHUNK];
+    for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
+        const int m = n - j0 < CHUNK ? (int)(n - j0) : CHUNK;
+        const int scalar = (int)(scalar_from - j0 < 0 ? 0 : (scalar_from - j0 > CHUNK ? CHUNK : scalar_from - j0));
+        uint8_t *p = px + 3 * j0;
+        for (int i = 0; i < m; i++) {
+            r[i] = p[3 * i]; g[i] = p[3 * i + 1]; b[i] = p[3 * i + 2];
+        }
+        if (pre)
+            for (int i = 0; i < m; i++) { r[i] = pre[r[i]]; g[i] = pre[g[i]]; b[i] = pre[b[i]]; }
+        if (sat) {
+            rgb_to_hsv(r, g, b, m, sdiv, hdiv, h, s, v);
+            for (int i = 0; i < m; i++) s[i] = sat[s[i]];
+            hsv_to_rgb(h, s, v, m, scalar, r, g, b);
+        }
+        if (has_hue) {
+            rgb_to_hsv(r, g, b, m, sdiv, hdiv, h, s, v);
+            for (int i = 0; i < m; i++) {
+                const int32_t x = h[i] + hue; /* hue in [-180, 180): one wrap either way */
+                h[i] = x < 0 ? x + 180 : (x >= 180 ? x - 180 : x);
+            }
+            hsv_to_rgb(h, s, v, m, scalar, r, g, b);
+        }
+        if (post)
+            for (int i = 0; i < m; i++) { r[i] = post[r[i]]; g[i] = post[g[i]]; b[i] = post[b[i]]; }
+        for (int i = 0; i < m; i++) {
+            p[3 * i] = (uint8_t)r[i]; p[3 * i + 1] = (uint8_t)g[i]; p[3 * i + 2] = (uint8_t)b[i];
+        }
+    }
+}
+
+void hsv_roundtrip(const uint8_t *rgb, int64_t n, int64_t width, const uint8_t *sat, int has_hue, int hue,
+                   const int32_t *sdiv, const int32_t *hdiv, uint8_t *out)
+{   /* the distortion's HSV steps on n interleaved RGB pixels of rows `width` wide (tests) */
+    memcpy(out, rgb, (size_t)(3 * n));
+    const int64_t scalar_from = width / 32 * 32;
+    for (int64_t i = 0; i < n; i += width)
+        distort(out + 3 * i, n - i < width ? n - i : width, NULL, sat, has_hue, hue, NULL, scalar_from, sdiv, hdiv);
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * One training crop: PyTorch's bilinear resize (align_corners=False, float32, train/pipeline.py's
+ * _exact_pixels arithmetic: per source row t = fma(s[x0], w0, s[x1] * w1), then fma(t_top, h0,
+ * t_bottom * h1), rounded floor(v + 0.5f) and clamped) of the window, then the photometric distortion,
+ * written as planes (3, out_h, out_w) at out[c * plane + i * out_stride + j].
+ *
+ * src: uint8 rows `sy` bytes apart, starting at the first source row the window uses (y0/y1 count from
+ * it, below src_rows); per output value (column j, channel c at 3 * j + c, the flip already applied):
+ * x0/x1 the byte offsets of its two source pixels' channel c in a row, w0/w1 their weights.
+ * Scratch: work (src_rows * out_w * 3 floats: each source row's horizontal pass, computed once, when
+ * an output row first needs it), done (src_rows bytes), rowbuf (out_w * 3 bytes).
+ */
+static inline float fma_f32(float a, float b, float c) { return (float)((double)a * (double)b + (double)c); }
+
+void resize_distort(const uint8_t *src, int64_t sy, int64_t src_rows, int64_t out_h, int64_t out_w,
+                    const int64_t *y0, const int64_t *y1, const float *h0, const float *h1, const int64_t *x0,
+                    const int64_t *x1, const float *w0, const float *w1, float *work, uint8_t *done,
+                    uint8_t *rowbuf, const uint8_t *pre, const uint8_t *sat, int has_hue, int hue,
+                    const uint8_t *post, int photometric, const int32_t *sdiv, const int32_t *hdiv, uint8_t *out,
+                    int64_t plane, int64_t out_stride)
+{
+    const int64_t n = 3 * out_w, scalar_from = out_w / 32 * 32;
+    float g0[CHUNK], g1[CHUNK];
+    memset(done, 0, (size_t)src_rows);
+    for (int64_t i = 0; i < out_h; i++) {
+        const int64_t ys[2] = {y0[i], y1[i]};
+        for (int k = 0; k < 2; k++) {
+            const int64_t y = ys[k];
+            if (done[y]) continue;
+            const uint8_t *row = src + y * sy;
+            float *t = work + y * n;
+            for (int64_t j0 = 0; j0 < n; j0 += CHUNK) { /* gathers first, then arithmetic the compiler vectorises */
+                const int m = n - j0 < CHUNK ? (int)(n - j0) : CHUNK;
+                for (int j = 0; j < m; j++) { g0[j] = row[x0[j0 + j]]; g1[j] = row[x1[j0 + j]]; }
+                for (int j = 0; j < m; j++) t[j0 + j] = fma_f32(g0[j], w0[j0 + j], g1[j] * w1[j0 + j]);
+            }
+            done[y] = 1;
+        }
+        const float *top = work + y0[i] * n, *bottom = work + y1[i] * n;
+        const float a = h0[i], b = h1[i];
+        for (int64_t j = 0; j < n; j++) {
+            /* clamp(floor(v + 0.5f), 0, 255): v + 0.5f > -1, and there the int conversion floors */
+            int32_t q = (int32_t)(fma_f32(top[j], a, bottom[j] * b) + 0.5f);
+            q = q < 0 ? 0 : q;
+            q = q > 255 ? 255 : q;
+            rowbuf[j] = (uint8_t)q;
+        }
+        if (photometric)
+            distort(rowbuf, out_w, pre, sat, has_hue, hue, post, scalar_from, sdiv, hdiv);
+        uint8_t *o = out + i * out_stride;
+        for (int64_t j = 0; j < out_w; j++) {
+            o[j] = rowbuf[3 * j];
+            o[plane + j] = rowbuf[3 * j + 1];
+            o[2 * plane + j] = rowbuf[3 * j + 2];
+        }
+    }
+}

@@ -35,3 +35,17 @@ def child_env() -> Callable[..., Dict[str, str]]:
         return env
 
     return make
+
+
+@pytest.fixture(scope="session")
+def baseline_library(tmp_path_factory):
+    """The native loops built without -march=native: no FMA instructions on x86-64, so the fused
+    multiply-adds take native.c's other path."""
+    from train import native
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(native, "TUNING", ())
+    try:
+        return native.load(native.build(tmp_path_factory.mktemp("baseline")))
+    finally:
+        mp.undo()

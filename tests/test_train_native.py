@@ -19,8 +19,11 @@ from train.decode import PngRows
 from train.pipeline import RecipePipeline
 
 
-@pytest.fixture(scope="module")
-def lib():
+@pytest.fixture(params=["tuned", "baseline"])
+def lib(request):
+    """The loops as built for this machine (-march=native), and without tuning (no FMA instructions)."""
+    if request.param == "baseline":
+        return request.getfixturevalue("baseline_library")
     lib = native.library()
     if lib is None:
         pytest.fail(f"the native loops did not build: {native.why_not()}")
@@ -151,6 +154,28 @@ def test_native_hsv_steps_equal_the_reference_conversions(lib, width, sat, hue):
 
 
 # --------------------------------------------------------------------------------------------------
+# resize indices
+
+@pytest.mark.parametrize("in_size,out_size", [(512, 700), (683, 1365), (100, 200), (1024, 512), (97, 97), (2048, 4093),
+                                              (7, 300), (300, 7), (1024, 1536), (1000, 1333)])
+def test_native_resize_indices_are_pytorchs(lib, in_size, out_size):
+    """nearest_index against PyTorch's own nearest resize (P._nearest_index asks F.interpolate), linear_coeffs
+    against the Python port, forwards and flipped (step -1)."""
+    from train.pipeline import _linear_coeffs, _nearest_index
+
+    idx = torch.empty(out_size, dtype=torch.int64)
+    lib.nearest_index(in_size, out_size, 0, out_size, 1, idx.data_ptr())
+    assert torch.equal(idx, _nearest_index(in_size, out_size))
+    lib.nearest_index(in_size, out_size, out_size - 1, out_size, -1, idx.data_ptr())
+    assert torch.equal(idx, _nearest_index(in_size, out_size).flip(0))
+    i0, i1 = torch.empty(out_size, dtype=torch.int64), torch.empty(out_size, dtype=torch.int64)
+    l0, l1 = torch.empty(out_size), torch.empty(out_size)
+    lib.linear_coeffs(in_size, out_size, 0, out_size, 1, i0.data_ptr(), i1.data_ptr(), l0.data_ptr(), l1.data_ptr())
+    for got, want in zip((i0, i1, l0, l1), _linear_coeffs(in_size, out_size)):
+        assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------------------------------
 # labels, the build
 
 def test_a_stored_value_outside_the_classes_still_gets_the_readers_named_error(tmp_path, lib):
@@ -170,6 +195,8 @@ def test_a_stored_value_outside_the_classes_still_gets_the_readers_named_error(t
 def test_the_build_is_cached_and_the_pipeline_says_why_it_runs_without_it(tmp_path, monkeypatch):
     first = native.build(tmp_path)
     assert native.build(tmp_path) == first and [p.name for p in tmp_path.iterdir()] == [first.name]
+    monkeypatch.setattr(native, "TUNING", ("-fno-such-flag",))  # a compiler that refuses it: FLAGS alone
+    assert native.load(native.build(tmp_path)).png_unfilter is not None and len(list(tmp_path.iterdir())) == 2
     monkeypatch.setattr(native.shutil, "which", lambda name: None)
     with pytest.raises(OSError, match="no C compiler"):
         native.build(tmp_path / "other")

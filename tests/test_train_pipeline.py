@@ -19,15 +19,16 @@ MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 
 
-@pytest.fixture(params=["native", "torch"])
+@pytest.fixture(params=["native", "native-baseline", "torch"])
 def backend(request, monkeypatch):
-    """Both implementations of the fast pipeline: train/native.c's loops, and the PyTorch code that runs
-    where they cannot be built."""
+    """Every implementation of the fast pipeline: train/native.c's loops as built for this machine and
+    without tuning, and the PyTorch code that runs where they cannot be built."""
     if request.param == "native":
         if native.library() is None:
             pytest.fail(f"the native loops did not build: {native.why_not()}")
     else:
-        monkeypatch.setattr(native, "library", lambda: None)
+        lib = request.getfixturevalue("baseline_library") if request.param == "native-baseline" else None
+        monkeypatch.setattr(native, "library", lambda: lib)
     return request.param
 
 

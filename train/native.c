@@ -11,6 +11,13 @@
 #include <math.h>
 #include <stdlib.h>
 
+/* fma(a, b, c) in float32 */
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+static inline float fma_f32(float a, float b, float c) { return fmaf(a, b, c); } /* one instruction */
+#else /* the product is exact in double: one rounding of the sum to float is the fused result */
+static inline float fma_f32(float a, float b, float c) { return (float)((double)a * (double)b + (double)c); }
+#endif
+
 /* The Paeth predictor, branch-free (noisy photos make its choice unpredictable) */
 static inline int paeth(int a, int b, int c)
 {
@@ -97,30 +104,97 @@ int64_t png_unfilter(const uint8_t *in, int64_t rows, int64_t rowbytes, int64_t 
 }
 
 /* ---------------------------------------------------------------------------------------------------
- * The window of a nearest-neighbour mask resize: the stored values mask[rows[i]][cols[j]], their
- * histogram added to hist[256], and (out not NULL) lut[value] (lut NULL: the value) written as int16 to
- * out (row stride out_stride).
+ * Source indices of PyTorch's resizes along one axis (in -> out samples), for `n` output indices from
+ * `start` on, stepping by `step` (-1: a flipped window).
+ *
+ * Nearest (upsample_nearest's nearest_idx): equal sizes copy, twice the size halves, else
+ * min(floor(dst * (float)in / out), in - 1), in float32.
+ * Bilinear (align_corners=False, area_pixel_compute_source_index): src = fma(in / out, dst + 0.5, -0.5)
+ * in float32 (the compiler fuses it), clamped at 0; i0 = min(floor(src), in - 1),
+ * l1 = clamp(src - i0, 0, 1), l0 = 1 - l1, i1 = i0 + (i0 < in - 1); equal sizes copy.
  */
-void mask_window(const uint8_t *mask, int64_t stride, const int64_t *rows, int64_t nrows, const int64_t *cols,
-                 int64_t ncols, const uint8_t *lut, int16_t *out, int64_t out_stride, int64_t *hist)
+void nearest_index(int64_t in, int64_t out, int64_t start, int64_t n, int64_t step, int64_t *idx)
 {
+    const float scale = (float)in / (float)out;
+    for (int64_t k = 0; k < n; k++) {
+        const int64_t dst = start + k * step;
+        int64_t src;
+        if (in == out) src = dst;
+        else if (out == 2 * in) src = dst >> 1;
+        else {
+            src = (int64_t)floorf((float)dst * scale);
+            src = src < in - 1 ? src : in - 1;
+        }
+        idx[k] = src;
+    }
+}
+
+void linear_coeffs(int64_t in, int64_t out, int64_t start, int64_t n, int64_t step, int64_t *i0, int64_t *i1,
+                   float *l0, float *l1)
+{
+    const float scale = (float)in / (float)out;
+    for (int64_t k = 0; k < n; k++) {
+        const int64_t dst = start + k * step;
+        if (in == out) {
+            i0[k] = i1[k] = dst;
+            l0[k] = 1.0f;
+            l1[k] = 0.0f;
+            continue;
+        }
+        float src = fma_f32(scale, (float)dst + 0.5f, -0.5f);
+        src = src < 0.0f ? 0.0f : src;
+        int64_t f = (int64_t)src; /* floor: src >= 0 */
+        f = f < in - 1 ? f : in - 1;
+        float l = src - (float)f;
+        l = l < 0.0f ? 0.0f : (l > 1.0f ? 1.0f : l);
+        i0[k] = f;
+        i1[k] = f + (f < in - 1);
+        l0[k] = 1.0f - l;
+        l1[k] = l;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * The window (top, left, height, width) of the nearest resize of a mask (in_h, in_w) to (out_h, out_w),
+ * columns reversed when `flip`: the histogram of its stored values added to hist[256] and, when out is
+ * not NULL, lut[value] (lut NULL: the value) written as int16 to out (row stride out_stride). Reads
+ * source rows up to mask_last_row(...) only.
+ */
+int64_t mask_last_row(int64_t in_h, int64_t out_h, int64_t top, int64_t height)
+{
+    int64_t row;
+    nearest_index(in_h, out_h, top + height - 1, 1, 1, &row);
+    return row;
+}
+
+int64_t mask_window(const uint8_t *mask, int64_t stride, int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w,
+                    int64_t top, int64_t left, int64_t height, int64_t width, int flip, const uint8_t *lut,
+                    int16_t *out, int64_t out_stride, int64_t *hist)
+{
+    int64_t *rows = malloc(sizeof(int64_t) * (size_t)(height + width));
+    if (!rows) return -1;
+    int64_t *cols = rows + height;
+    nearest_index(in_h, out_h, top, height, 1, rows);
+    nearest_index(in_w, out_w, flip ? left + width - 1 : left, width, flip ? -1 : 1, cols);
     uint32_t sub[4][256]; /* four histograms: runs of one label would stall on a single counter */
     memset(sub, 0, sizeof sub);
-    for (int64_t i = 0; i < nrows; i++) {
+    for (int64_t i = 0; i < height; i++) {
         const uint8_t *src = mask + rows[i] * stride;
         int64_t j = 0;
-        for (; j + 3 < ncols; j += 4) {
+        for (; j + 3 < width; j += 4) {
             sub[0][src[cols[j]]]++; sub[1][src[cols[j + 1]]]++;
             sub[2][src[cols[j + 2]]]++; sub[3][src[cols[j + 3]]]++;
         }
-        for (; j < ncols; j++) sub[0][src[cols[j]]]++;
+        for (; j < width; j++) sub[0][src[cols[j]]]++;
         if (out) {
             int16_t *dst = out + i * out_stride;
-            if (lut) for (j = 0; j < ncols; j++) dst[j] = lut[src[cols[j]]];
-            else for (j = 0; j < ncols; j++) dst[j] = src[cols[j]];
+            if (lut) for (j = 0; j < width; j++) dst[j] = lut[src[cols[j]]];
+            else for (j = 0; j < width; j++) dst[j] = src[cols[j]];
         }
     }
     for (int v = 0; v < 256; v++) hist[v] += (int64_t)sub[0][v] + sub[1][v] + sub[2][v] + sub[3][v];
+    free(rows);
+    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -170,8 +244,7 @@ static void hsv_to_rgb(const int32_t *h, const int32_t *s, const int32_t *v, int
         const float vf = (float)v[i] * (float)(1.0 / 255.0);
         const int32_t k = (int32_t)hf; /* truncf: hf >= 0; below 6 since h < 180 */
         const float frac = hf - (float)k;
-        const float t2 = (float)(1.0 - (double)sf * (double)frac);
-        const float t3 = (float)(1.0 - (double)sf * (double)(1.0f - frac));
+        const float t2 = fma_f32(-sf, frac, 1.0f), t3 = fma_f32(-sf, 1.0f - frac, 1.0f); /* fused in OpenCV */
         const float tab0 = vf, tab1 = vf * (1.0f - sf), tab2 = vf * t2, tab3 = vf * t3;
         /* OpenCV's sector_data: (b, g, r) = tab rows {1,3,0} {1,0,2} {3,0,1} {0,2,1} {0,1,3} {2,1,0} */
         /* the sector's rows picked with bit masks: compilers turn selects into branches here, which
@@ -244,35 +317,59 @@ void hsv_roundtrip(const uint8_t *rgb, int64_t n, int64_t width, const uint8_t *
 }
 
 /* ---------------------------------------------------------------------------------------------------
- * One training crop: PyTorch's bilinear resize (align_corners=False, float32, train/pipeline.py's
- * _exact_pixels arithmetic: per source row t = fma(s[x0], w0, s[x1] * w1), then fma(t_top, h0,
- * t_bottom * h1), rounded floor(v + 0.5f) and clamped) of the window, then the photometric distortion,
- * written as planes (3, out_h, out_w) at out[c * plane + i * out_stride + j].
+ * One training crop: the window (top, left, height, width) of PyTorch's bilinear resize of an RGB image
+ * (in_h, in_w) to (out_h, out_w) (align_corners=False, float32; per source row t = fma(s[x0], w0,
+ * s[x1] * w1), then fma(t_top, h0, t_bottom * h1), rounded floor(v + 0.5f) and clamped, as
+ * train/pipeline.py's _exact_pixels), columns reversed when `flip`, then the photometric distortion,
+ * written as planes (3, height, width) at out[c * plane + i * out_stride + j].
  *
- * src: uint8 rows `sy` bytes apart, starting at the first source row the window uses (y0/y1 count from
- * it, below src_rows); per output value (column j, channel c at 3 * j + c, the flip already applied):
- * x0/x1 the byte offsets of its two source pixels' channel c in a row, w0/w1 their weights.
- * Scratch: work (src_rows * out_w * 3 floats: each source row's horizontal pass, computed once, when
- * an output row first needs it), done (src_rows bytes), rowbuf (out_w * 3 bytes).
+ * src: uint8 with element strides (sy, sx, sc), from row 0; only rows below resize_last_row(...) + 1
+ * are read. Returns 0, or -1 when out of memory.
  */
-static inline float fma_f32(float a, float b, float c) { return (float)((double)a * (double)b + (double)c); }
-
-void resize_distort(const uint8_t *src, int64_t sy, int64_t src_rows, int64_t out_h, int64_t out_w,
-                    const int64_t *y0, const int64_t *y1, const float *h0, const float *h1, const int64_t *x0,
-                    const int64_t *x1, const float *w0, const float *w1, float *work, uint8_t *done,
-                    uint8_t *rowbuf, const uint8_t *pre, const uint8_t *sat, int has_hue, int hue,
-                    const uint8_t *post, int photometric, const int32_t *sdiv, const int32_t *hdiv, uint8_t *out,
-                    int64_t plane, int64_t out_stride)
+int64_t resize_last_row(int64_t in_h, int64_t out_h, int64_t top, int64_t height)
 {
-    const int64_t n = 3 * out_w, scalar_from = out_w / 32 * 32;
+    int64_t i0, i1;
+    float l0, l1;
+    linear_coeffs(in_h, out_h, top + height - 1, 1, 1, &i0, &i1, &l0, &l1);
+    return i1;
+}
+
+int64_t resize_distort(const uint8_t *src, int64_t sy, int64_t sx, int64_t sc, int64_t in_h, int64_t in_w,
+                       int64_t out_h, int64_t out_w, int64_t top, int64_t left, int64_t height, int64_t width,
+                       int flip, const uint8_t *pre, const uint8_t *sat, int has_hue, int hue, const uint8_t *post,
+                       int photometric, const int32_t *sdiv, const int32_t *hdiv, uint8_t *out, int64_t plane,
+                       int64_t out_stride)
+{
+    const int64_t n = 3 * width, scalar_from = width / 32 * 32;
+    int64_t y0[1], y1[1];
+    float h0[1], h1[1];
+    linear_coeffs(in_h, out_h, top, 1, 1, y0, y1, h0, h1);
+    const int64_t r_lo = y0[0], r_hi = resize_last_row(in_h, out_h, top, height) + 1, rows = r_hi - r_lo;
+    /* per output value (column j, channel c at 3j + c): its two source bytes' offsets in a row, weights */
+    int64_t *x0 = malloc(sizeof(int64_t) * (size_t)(2 * n + 2 * width));
+    float *w = malloc(sizeof(float) * (size_t)(2 * n + 2 * width + rows * n));
+    uint8_t *scratch = malloc((size_t)(rows + n));
+    if (!x0 || !w || !scratch) { free(x0); free(w); free(scratch); return -1; }
+    int64_t *x1 = x0 + n, *c0 = x1 + n, *c1 = c0 + width;
+    float *w0 = w, *w1 = w0 + n, *l0 = w1 + n, *l1 = l0 + width, *work = l1 + width;
+    uint8_t *done = scratch, *rowbuf = scratch + rows;
+    linear_coeffs(in_w, out_w, flip ? left + width - 1 : left, width, flip ? -1 : 1, c0, c1, l0, l1);
+    for (int64_t j = 0; j < width; j++)
+        for (int c = 0; c < 3; c++) {
+            x0[3 * j + c] = c0[j] * sx + c * sc;
+            x1[3 * j + c] = c1[j] * sx + c * sc;
+            w0[3 * j + c] = l0[j];
+            w1[3 * j + c] = l1[j];
+        }
+    memset(done, 0, (size_t)rows);
     float g0[CHUNK], g1[CHUNK];
-    memset(done, 0, (size_t)src_rows);
-    for (int64_t i = 0; i < out_h; i++) {
-        const int64_t ys[2] = {y0[i], y1[i]};
-        for (int k = 0; k < 2; k++) {
+    for (int64_t i = 0; i < height; i++) {
+        linear_coeffs(in_h, out_h, top + i, 1, 1, y0, y1, h0, h1);
+        const int64_t ys[2] = {y0[0] - r_lo, y1[0] - r_lo};
+        for (int k = 0; k < 2; k++) { /* each source row's horizontal pass, once, when first needed */
             const int64_t y = ys[k];
             if (done[y]) continue;
-            const uint8_t *row = src + y * sy;
+            const uint8_t *row = src + (r_lo + y) * sy;
             float *t = work + y * n;
             for (int64_t j0 = 0; j0 < n; j0 += CHUNK) { /* gathers first, then arithmetic the compiler vectorises */
                 const int m = n - j0 < CHUNK ? (int)(n - j0) : CHUNK;
@@ -281,22 +378,24 @@ void resize_distort(const uint8_t *src, int64_t sy, int64_t src_rows, int64_t ou
             }
             done[y] = 1;
         }
-        const float *top = work + y0[i] * n, *bottom = work + y1[i] * n;
-        const float a = h0[i], b = h1[i];
+        const float *upper = work + ys[0] * n, *lower = work + ys[1] * n;
+        const float a = h0[0], b = h1[0];
         for (int64_t j = 0; j < n; j++) {
             /* clamp(floor(v + 0.5f), 0, 255): v + 0.5f > -1, and there the int conversion floors */
-            int32_t q = (int32_t)(fma_f32(top[j], a, bottom[j] * b) + 0.5f);
+            int32_t q = (int32_t)(fma_f32(upper[j], a, lower[j] * b) + 0.5f);
             q = q < 0 ? 0 : q;
             q = q > 255 ? 255 : q;
             rowbuf[j] = (uint8_t)q;
         }
         if (photometric)
-            distort(rowbuf, out_w, pre, sat, has_hue, hue, post, scalar_from, sdiv, hdiv);
+            distort(rowbuf, width, pre, sat, has_hue, hue, post, scalar_from, sdiv, hdiv);
         uint8_t *o = out + i * out_stride;
-        for (int64_t j = 0; j < out_w; j++) {
+        for (int64_t j = 0; j < width; j++) {
             o[j] = rowbuf[3 * j];
             o[plane + j] = rowbuf[3 * j + 1];
             o[2 * plane + j] = rowbuf[3 * j + 2];
         }
     }
+    free(x0); free(w); free(scratch);
+    return 0;
 }

@@ -35,12 +35,17 @@ TUNING = ("-march=native",)
 ENV_SWITCH = "ISA_NATIVE"
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
+_C = ctypes.c_int
 _SIGNATURES = {
     "png_unfilter": (_I, [_P, _I, _I, _I, _P, _P]),
-    "mask_window": (None, [_P, _I, _P, _I, _P, _I, _P, _P, _I, _P]),
-    "hsv_roundtrip": (None, [_P, _I, _I, _P, ctypes.c_int, ctypes.c_int, _P, _P, _P]),
-    "resize_distort": (None, [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P,
-                              ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, _P, _P, _P, _I, _I]),
+    "nearest_index": (None, [_I, _I, _I, _I, _I, _P]),
+    "linear_coeffs": (None, [_I, _I, _I, _I, _I, _P, _P, _P, _P]),
+    "mask_last_row": (_I, [_I, _I, _I, _I]),
+    "mask_window": (_I, [_P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _C, _P, _P, _I, _P]),
+    "hsv_roundtrip": (None, [_P, _I, _I, _P, _C, _C, _P, _P, _P]),
+    "resize_last_row": (_I, [_I, _I, _I, _I]),
+    "resize_distort": (_I, [_P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _C, _P, _P, _C, _C, _P, _C, _P, _P,
+                            _P, _I, _I]),
 }
 _why_not: Optional[str] = None
 
@@ -90,6 +95,15 @@ def build(cache_dir: Optional[Path] = None) -> Path:
     return target
 
 
+def load(path: Path) -> ctypes.CDLL:
+    """A built library, its functions typed."""
+    lib = ctypes.CDLL(str(path))
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
 @functools.lru_cache(maxsize=1)
 def library() -> Optional[ctypes.CDLL]:
     """The compiled loops, or None (then `why_not()` says why)."""
@@ -98,17 +112,12 @@ def library() -> Optional[ctypes.CDLL]:
         _why_not = f"{ENV_SWITCH}=0"
         return None
     try:
-        lib = ctypes.CDLL(str(build()))
+        return load(build())
     except subprocess.CalledProcessError as err:
-        _why_not = f"compiling {SOURCE.name} failed: {err.stderr.strip()[-500:]}"
-        return None
+        _why_not = f"compiling {SOURCE.name} failed: {(err.stderr or '').strip()[-500:]}"
     except OSError as err:
         _why_not = str(err)
-        return None
-    for name, (restype, argtypes) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = restype, argtypes
-    return lib
+    return None
 
 
 def why_not() -> Optional[str]:

@@ -324,24 +324,21 @@ class RecipePipeline:
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
         """`__call__` with the loops in `train/native.c`: the same draws in the same order, and only the
         rows of the files down to the last one a window reads are decoded."""
-        in_h, in_w = labels.size_hw
-        size_hw = self.rescale.draw(in_h, in_w)["size_hw"]
-        rows_of, cols_of = _nearest_index(in_h, size_hw[0]), _nearest_index(in_w, size_hw[1])
+        in_hw = labels.size_hw
+        size_hw = self.rescale.draw(*in_hw)["size_hw"]
 
-        def histogram(top: int, left: int, height: int, width: int, out: Optional[torch.Tensor] = None,
-                      flip: bool = False) -> torch.Tensor:
-            rows, cols = rows_of[top:top + height], cols_of[left:left + width]
-            return labels.window(lib, rows, cols.flip(0) if flip else cols, out)
+        def histogram(top: int, left: int, height: int, width: int) -> torch.Tensor:
+            return labels.window(lib, size_hw, (top, left, height, width))
 
-        top, left, height, width = self.crop.choose_box(size_hw[0], size_hw[1], histogram, histogram=True)["box"]
+        box = self.crop.choose_box(size_hw[0], size_hw[1], histogram, histogram=True)["box"]
         flip = bool(torch.rand(1) < self.flip_prob)  # v2.RandomHorizontalFlip's draw
-        ch, cw = self.crop_size_hw
-        label = torch.full((ch, cw), PAD_LABEL, dtype=torch.int16)
-        histogram(top, left, height, width, label, flip)
+        label = torch.full(self.crop_size_hw, PAD_LABEL, dtype=torch.int16)
+        labels.window(lib, size_hw, box, flip, label)
         params = self.distortion.make_params([]) if self.distortion is not None else None
-        img = torch.zeros((3, ch, cw), dtype=torch.uint8)
+        img = torch.zeros((3, *self.crop_size_hw), dtype=torch.uint8)
+        top, left, height, width = box
         if sum(size_hw) > 128:
-            _resize_distort(lib, image, (in_h, in_w), size_hw, (top, left, height, width), flip, params, img)
+            _resize_distort(lib, image, in_hw, size_hw, box, flip, params, img)
         else:  # PyTorch resizes small outputs with another kernel: `resize_window` knows it
             planes = image.as_subclass(torch.Tensor) if isinstance(image, torch.Tensor) else _planes(image)
             small = resize_window(planes, size_hw, top, left, height, width, flip)
@@ -379,17 +376,23 @@ class Labels:
             return stored
         return self.lut.index_select(0, stored.reshape(-1).to(torch.int32)).view(stored.shape)
 
-    def window(self, lib: Any, rows: torch.Tensor, cols: torch.Tensor, out: Optional[torch.Tensor] = None
-               ) -> torch.Tensor:
-        """Histogram (256) of the labels at rows x cols (int64 source indices, rows increasing), written to
-        `out` (int16, its top-left corner) if given."""
-        stored = self.stored.rows(int(rows[-1]) + 1)[..., 0] if isinstance(self.stored, PngRows) else self.stored
-        if stored.dtype != torch.uint8 or stored.stride(-1) != 1:
-            stored = stored.to(torch.uint8).contiguous()
+    def window(self, lib: Any, size_hw: Tuple[int, int], box: Tuple[int, int, int, int], flip: bool = False,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Histogram (256) of the labels in `box` of the nearest resize to `size_hw`, written (columns
+        reversed when `flip`) to the top-left corner of `out` (int16) if given."""
+        (in_h, in_w), (top, left, height, width) = self.size_hw, box
+        if isinstance(self.stored, PngRows):
+            stored = self.stored.rows(lib.mask_last_row(in_h, size_hw[0], top, height) + 1)[..., 0]
+        else:
+            stored = self.stored
+            if stored.dtype != torch.uint8 or stored.stride(-1) != 1:
+                stored = stored.to(torch.uint8).contiguous()
         stored_hist = torch.zeros(256, dtype=torch.int64)
-        lib.mask_window(stored.data_ptr(), stored.stride(0), rows.data_ptr(), len(rows), cols.data_ptr(), len(cols),
-                        None if self.lut is None else self.lut.data_ptr(), None if out is None else out.data_ptr(),
-                        0 if out is None else out.stride(0), stored_hist.data_ptr())
+        if lib.mask_window(stored.data_ptr(), stored.stride(0), in_h, in_w, size_hw[0], size_hw[1], top, left, height,
+                           width, int(flip), None if self.lut is None else self.lut.data_ptr(),
+                           None if out is None else out.data_ptr(), 0 if out is None else out.stride(0),
+                           stored_hist.data_ptr()):
+            raise MemoryError("mask_window: out of memory")
         if self.valid is not None:
             self._check(stored_hist)
         if self.lut is None:
@@ -413,26 +416,12 @@ def _resize_distort(lib: Any, image: Union[torch.Tensor, PngRows], in_hw: Tuple[
     """The crop `box` of the image resized to `size_hw` (flipped), distorted with `params`, into the
     top-left corner of `out` (3, ch, cw) uint8."""
     top, left, height, width = box
-    y0, y1, h0, h1 = (t[top:top + height] for t in _linear_coeffs(in_hw[0], size_hw[0]))
-    cols = torch.arange(left, left + width)
-    if flip:
-        cols = cols.flip(0)
-    x0, x1, w0, w1 = (t.index_select(0, cols) for t in _linear_coeffs(in_hw[1], size_hw[1]))
-    r_lo, r_hi = int(y0[0]), int(y1.max()) + 1
     if isinstance(image, PngRows):
-        src = image.rows(r_hi)  # (rows, W, 3)
+        src = image.rows(lib.resize_last_row(in_hw[0], size_hw[0], top, height) + 1)  # (rows, W, 3)
         sy, sx, sc = src.stride()
     else:
         src = image.as_subclass(torch.Tensor)
         sc, sy, sx = src.stride()
-    # per output value (column, channel): the byte offsets of its two source values in a row, and weights
-    channel = torch.arange(3) * sc
-    x0, x1 = ((x.view(-1, 1) * sx + channel).reshape(-1) for x in (x0, x1))
-    w0, w1 = (w.repeat_interleave(3) for w in (w0, w1))
-    rows = r_hi - r_lo
-    work = torch.empty((rows, width, 3), dtype=torch.float32)
-    done = torch.empty(rows, dtype=torch.uint8)
-    rowbuf = torch.empty(width * 3, dtype=torch.uint8)
     pre = sat = post = None
     hue = None
     if params is not None:
@@ -446,16 +435,12 @@ def _resize_distort(lib: Any, image: Union[torch.Tensor, PngRows], in_hw: Tuple[
         hue = params.get("hue")
         if not params["contrast_first"] and params.get("contrast") is not None:
             post = _lut(alpha=params["contrast"])
-    # every tensor whose address goes to C is held by a name until the call returns
-    y0, y1 = (y0 - r_lo).contiguous(), (y1 - r_lo).contiguous()
-    h0, h1 = h0.contiguous(), h1.contiguous()
-    sdiv, hdiv = _SDIV.contiguous(), _HDIV180.contiguous()
-    ptr = (lambda t: None if t is None else t.data_ptr())
-    lib.resize_distort(src.data_ptr() + r_lo * sy, sy, rows, height, width,
-                       y0.data_ptr(), y1.data_ptr(), h0.data_ptr(), h1.data_ptr(), x0.data_ptr(), x1.data_ptr(),
-                       w0.data_ptr(), w1.data_ptr(), work.data_ptr(), done.data_ptr(), rowbuf.data_ptr(),
-                       ptr(pre), ptr(sat), int(hue is not None), int(hue or 0), ptr(post), int(params is not None),
-                       sdiv.data_ptr(), hdiv.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1))
+    ptr = (lambda t: None if t is None else t.data_ptr())  # every table is held by a name until the call returns
+    if lib.resize_distort(src.data_ptr(), sy, sx, sc, in_hw[0], in_hw[1], size_hw[0], size_hw[1], top, left, height,
+                          width, int(flip), ptr(pre), ptr(sat), int(hue is not None), int(hue or 0), ptr(post),
+                          int(params is not None), _SDIV.data_ptr(), _HDIV180.data_ptr(), out.data_ptr(),
+                          out.stride(0), out.stride(1)):
+        raise MemoryError("resize_distort: out of memory")
 
 
 def pad_to(image: torch.Tensor, label: torch.Tensor, size_hw: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -269,26 +269,30 @@ static void hsv_to_rgb(const int32_t *h, const int32_t *s, const int32_t *v, int
     }
 }
 
-/* The photometric distortion's steps in MMSeg's order on n interleaved RGB pixels of one row:
- * `pre`: brightness then contrast-first as one table; `sat`: saturation table of S or NULL; `hue`: added
- * to H mod 180 when has_hue; `post`: contrast-last table or NULL; columns >= scalar_from use OpenCV's
- * scalar HSV -> RGB rounding. */
-static void distort(uint8_t *px, int64_t n, const uint8_t *pre, const uint8_t *sat, int has_hue, int hue,
+/* The photometric distortion's steps in MMSeg's order on n pixels of one row, planes in (r, g, b) and
+ * out (may be the same): `pre`: brightness then contrast-first as one table; `sat`: saturation table of
+ * S or NULL; `hue`: added to H mod 180 when has_hue; `post`: contrast-last table or NULL; columns >=
+ * scalar_from use OpenCV's scalar HSV -> RGB rounding. */
+static void distort(const uint8_t *in_r, const uint8_t *in_g, const uint8_t *in_b, uint8_t *out_r, uint8_t *out_g,
+                    uint8_t *out_b, int64_t n, const uint8_t *pre, const uint8_t *sat, int has_hue, int hue,
                     const uint8_t *post, int64_t scalar_from, const int32_t *sdiv, const int32_t *hdiv)
 {
     int32_t r[CHUNK], g[CHUNK], b[CHUNK], h[CHUNK], s[CHUNK], v[CHUNK];
+    int32_t pre32[256], sat32[256], post32[256]; /* 32-bit tables: lookups the vectoriser can gather */
+    for (int i = 0; i < 256; i++) {
+        pre32[i] = pre ? pre[i] : i;
+        sat32[i] = sat ? sat[i] : i;
+        post32[i] = post ? post[i] : i;
+    }
     for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
         const int m = n - j0 < CHUNK ? (int)(n - j0) : CHUNK;
         const int scalar = (int)(scalar_from - j0 < 0 ? 0 : (scalar_from - j0 > CHUNK ? CHUNK : scalar_from - j0));
-        uint8_t *p = px + 3 * j0;
-        for (int i = 0; i < m; i++) {
-            r[i] = p[3 * i]; g[i] = p[3 * i + 1]; b[i] = p[3 * i + 2];
-        }
+        for (int i = 0; i < m; i++) { r[i] = in_r[j0 + i]; g[i] = in_g[j0 + i]; b[i] = in_b[j0 + i]; }
         if (pre)
-            for (int i = 0; i < m; i++) { r[i] = pre[r[i]]; g[i] = pre[g[i]]; b[i] = pre[b[i]]; }
+            for (int i = 0; i < m; i++) { r[i] = pre32[r[i]]; g[i] = pre32[g[i]]; b[i] = pre32[b[i]]; }
         if (sat) {
             rgb_to_hsv(r, g, b, m, sdiv, hdiv, h, s, v);
-            for (int i = 0; i < m; i++) s[i] = sat[s[i]];
+            for (int i = 0; i < m; i++) s[i] = sat32[s[i]];
             hsv_to_rgb(h, s, v, m, scalar, r, g, b);
         }
         if (has_hue) {
@@ -300,20 +304,22 @@ static void distort(uint8_t *px, int64_t n, const uint8_t *pre, const uint8_t *s
             hsv_to_rgb(h, s, v, m, scalar, r, g, b);
         }
         if (post)
-            for (int i = 0; i < m; i++) { r[i] = post[r[i]]; g[i] = post[g[i]]; b[i] = post[b[i]]; }
+            for (int i = 0; i < m; i++) { r[i] = post32[r[i]]; g[i] = post32[g[i]]; b[i] = post32[b[i]]; }
         for (int i = 0; i < m; i++) {
-            p[3 * i] = (uint8_t)r[i]; p[3 * i + 1] = (uint8_t)g[i]; p[3 * i + 2] = (uint8_t)b[i];
+            out_r[j0 + i] = (uint8_t)r[i]; out_g[j0 + i] = (uint8_t)g[i]; out_b[j0 + i] = (uint8_t)b[i];
         }
     }
 }
 
 void hsv_roundtrip(const uint8_t *rgb, int64_t n, int64_t width, const uint8_t *sat, int has_hue, int hue,
                    const int32_t *sdiv, const int32_t *hdiv, uint8_t *out)
-{   /* the distortion's HSV steps on n interleaved RGB pixels of rows `width` wide (tests) */
-    memcpy(out, rgb, (size_t)(3 * n));
+{   /* the distortion's HSV steps on planes (3, n) of rows `width` wide, into out (3, n) (tests) */
     const int64_t scalar_from = width / 32 * 32;
-    for (int64_t i = 0; i < n; i += width)
-        distort(out + 3 * i, n - i < width ? n - i : width, NULL, sat, has_hue, hue, NULL, scalar_from, sdiv, hdiv);
+    for (int64_t i = 0; i < n; i += width) {
+        const int64_t m = n - i < width ? n - i : width;
+        distort(rgb + i, rgb + n + i, rgb + 2 * n + i, out + i, out + n + i, out + 2 * n + i, m, NULL, sat,
+                has_hue, hue, NULL, scalar_from, sdiv, hdiv);
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -345,7 +351,8 @@ int64_t resize_distort(const uint8_t *src, int64_t sy, int64_t sx, int64_t sc, i
     float h0[1], h1[1];
     linear_coeffs(in_h, out_h, top, 1, 1, y0, y1, h0, h1);
     const int64_t r_lo = y0[0], r_hi = resize_last_row(in_h, out_h, top, height) + 1, rows = r_hi - r_lo;
-    /* per output value (column j, channel c at 3j + c): its two source bytes' offsets in a row, weights */
+    /* per output value (channel c, column j at c * width + j): its two source bytes' offsets in a row,
+       their weights; work rows and rowbuf are planes too */
     int64_t *x0 = malloc(sizeof(int64_t) * (size_t)(2 * n + 2 * width));
     float *w = malloc(sizeof(float) * (size_t)(2 * n + 2 * width + rows * n));
     uint8_t *scratch = malloc((size_t)(rows + n));
@@ -354,12 +361,12 @@ int64_t resize_distort(const uint8_t *src, int64_t sy, int64_t sx, int64_t sc, i
     float *w0 = w, *w1 = w0 + n, *l0 = w1 + n, *l1 = l0 + width, *work = l1 + width;
     uint8_t *done = scratch, *rowbuf = scratch + rows;
     linear_coeffs(in_w, out_w, flip ? left + width - 1 : left, width, flip ? -1 : 1, c0, c1, l0, l1);
-    for (int64_t j = 0; j < width; j++)
-        for (int c = 0; c < 3; c++) {
-            x0[3 * j + c] = c0[j] * sx + c * sc;
-            x1[3 * j + c] = c1[j] * sx + c * sc;
-            w0[3 * j + c] = l0[j];
-            w1[3 * j + c] = l1[j];
+    for (int c = 0; c < 3; c++)
+        for (int64_t j = 0; j < width; j++) {
+            x0[c * width + j] = c0[j] * sx + c * sc;
+            x1[c * width + j] = c1[j] * sx + c * sc;
+            w0[c * width + j] = l0[j];
+            w1[c * width + j] = l1[j];
         }
     memset(done, 0, (size_t)rows);
     float g0[CHUNK], g1[CHUNK];
@@ -387,14 +394,12 @@ int64_t resize_distort(const uint8_t *src, int64_t sy, int64_t sx, int64_t sc, i
             q = q > 255 ? 255 : q;
             rowbuf[j] = (uint8_t)q;
         }
-        if (photometric)
-            distort(rowbuf, width, pre, sat, has_hue, hue, post, scalar_from, sdiv, hdiv);
         uint8_t *o = out + i * out_stride;
-        for (int64_t j = 0; j < width; j++) {
-            o[j] = rowbuf[3 * j];
-            o[plane + j] = rowbuf[3 * j + 1];
-            o[2 * plane + j] = rowbuf[3 * j + 2];
-        }
+        if (photometric)
+            distort(rowbuf, rowbuf + width, rowbuf + 2 * width, o, o + plane, o + 2 * plane, width, pre, sat, has_hue,
+                    hue, post, scalar_from, sdiv, hdiv);
+        else
+            for (int c = 0; c < 3; c++) memcpy(o + c * plane, rowbuf + c * width, (size_t)width);
     }
     free(x0); free(w); free(scratch);
     return 0;

@@ -24,7 +24,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from eval.datasets import read_mask
 
@@ -211,7 +211,9 @@ def collate(batch: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.T
     shapes = {tuple(x.shape) for x in images}
     if len(shapes) != 1:
         raise ValueError(f"train crops differ in shape {sorted(shapes)}: the pipeline must end with PadToSize")
-    return torch.stack(images), torch.stack(labels)
+    # default_collate stacks straight into shared memory in a worker (torch.stack would need a second copy
+    # there to cross to the main process)
+    return default_collate(list(images)), default_collate(list(labels))
 
 
 def _ignore_interrupts(_worker_id: int) -> None:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 from eval.datasets import read_mask
 
 from .decode import PngRows, decode_image_fast
-from .pipeline import InvalidLabels, Labels, RecipePipeline
+from .pipeline import Labels, RecipePipeline
 
 IGNORE_INDEX = 255
 _MASK64 = (1 << 64) - 1
@@ -170,7 +170,7 @@ class TrainSet(Dataset):
         if sources is not None:
             try:
                 return self._transform(seed, *sources)
-            except (InvalidLabels, ValueError):
+            except ValueError:  # InvalidLabels too
                 pass  # a corrupt stream or a refused value: the reader below names it
         image, mask, _meta = self.base[index]
         if self.ignore_index != IGNORE_INDEX:

@@ -1,19 +1,25 @@
 """The recipe training pipeline, fast: the same random draws and the same pixels as `train.transforms`
 (the reference implementation, spec §4.1), for a fraction of the work.
 
-`RecipePipeline(crop, scale)(image_u8, mask) -> (image_u8 (3, h, w), label_i16 (h, w))`, both padded to
-the crop. Where the time went and what replaces it:
+`RecipePipeline(crop, scale)(image, mask) -> (image_u8 (3, h, w), label_i16 (h, w))`, both padded to the
+crop. `image` is a uint8 (3, H, W) tensor or `train.decode.PngRows` (a PNG decoded as far as the crop
+needs); `mask` a (H, W) tensor or `Labels` (stored values, the reader's mapping as a table, and the values
+allowed). Where the time went and what replaces it:
 
 - Ratio resize of the whole image (4096x2048 at ratio 2 to keep 512x1024 of it): the crop is chosen on
-  the mask first (nearest neighbour is a gather, so each candidate window of the resized mask is gathered
-  on its own, with MMSeg's cat_max_ratio redraws), then only the kept window of the image is resized.
-  Its values are PyTorch's bilinear kernel's (`F.interpolate`, the reference's resize) to the bit: a
-  float32 estimate, exact to a few ulps, is rounded, and the few pixels whose value lies within 1e-3 of a
-  rounding tie (about 0.1 %) are recomputed with the kernel's own arithmetic (its fused multiply-adds
-  emulated in float64). The flip is the window's column order.
+  the mask first (nearest neighbour is a gather, so each candidate window of the resized mask is read on
+  its own, with MMSeg's cat_max_ratio redraws), then only the kept window of the image is resized, and
+  only the rows of the files down to the last one a window reads are decoded. Its values are PyTorch's
+  bilinear kernel's (`F.interpolate`, the reference's resize) to the bit. The flip is the window's
+  column order.
 - Photometric distortion: brightness and contrast are 256-entry tables; OpenCV's 8-bit HSV round trips
-  are two whole-colour-space tables (RGB -> HSV, HSV -> RGB) built once per process from the reference
-  conversions, so each saturation or hue step is two gathers.
+  are its integer / float32 arithmetic, per pixel.
+- Both run in `train/native.c` (`train.native`: compiled on first use with the system C compiler), a
+  row at a time: resize, distortion and the planes' layout in one pass, no float image in memory. Where
+  it cannot be built, the same steps run as PyTorch code: the window resize as a float32 estimate,
+  exact to a few ulps, rounded, with the few pixels within 1e-3 of a rounding tie (about 0.1 %)
+  recomputed with the kernel's own arithmetic (its fused multiply-adds emulated in float64); the HSV
+  round trips as two whole-colour-space tables built once per process from the reference conversions.
 - Normalisation and padding move to the training step (`normalize_batch`, on the device, as MMSeg's data
   preprocessor does): the worker hands over uint8 (a quarter of float32's bytes) and labels as int16 with
   `PAD_LABEL` (-1) where the crop was padded, so padded pixels still end up exactly 0 after normalisation
@@ -300,6 +306,9 @@ class RecipePipeline:
         (h, w) int16 (`PAD_LABEL` where padded). Raises `InvalidLabels` for a stored mask value `Labels`
         does not allow (in a window the pipeline reads)."""
         labels = mask if isinstance(mask, Labels) else Labels(mask)
+        if isinstance(image, torch.Tensor) and (image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3):
+            raise TypeError(f"RecipePipeline takes a uint8 RGB image (3, H, W), got {image.dtype} "
+                            f"{tuple(image.shape)}: pass the decoded image before any ToDtype/Normalize")
         lib = native.library()
         if lib is not None:
             return self._native(lib, image, labels)

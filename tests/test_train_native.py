@@ -110,7 +110,7 @@ def test_png_rows_decline_what_they_do_not_read_and_name_a_broken_stream(tmp_pat
     Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
     Image.fromarray(np.zeros((8, 8), np.uint16)).save(tmp_path / "16.png")
     (tmp_path / "short.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
-    for name in ("rgba.png", "16.png", "short.png"):
+    for name in ("rgba.png", "16.png", "short.png", "missing.png"):
         assert PngRows.open(tmp_path / name) is None, name
     assert PngRows.open(tmp_path / "rgba.png", colour_types=(2,)) is None
     good = _png(np.arange(64 * 3, dtype=np.uint8).reshape(8, 8, 3), [1], 2)

@@ -37,8 +37,8 @@ _CHANNELS = {0: 1, 2: 3, 3: 1}  # colour type -> samples per pixel (grey, RGB, p
 class PngRows:
     """An 8-bit non-interlaced PNG, decoded on demand: `rows(n)` is the top n rows, (n, W, C) uint8.
 
-    `open(path)` returns None for any other PNG (16-bit, interlaced, with alpha, ...) or when the native
-    loops are unavailable; a corrupt stream raises ValueError when the rows reach it.
+    `open(path)` returns None for any other file (16-bit, interlaced, with alpha, not a PNG, unreadable)
+    or when the native loops are unavailable; a corrupt stream raises ValueError when the rows reach it.
     """
 
     def __init__(self, data: bytes, width: int, height: int, channels: int):
@@ -55,8 +55,11 @@ class PngRows:
         """The file's rows, or None if it is not an 8-bit non-interlaced PNG of one of `colour_types`."""
         if native.library() is None:
             return None
-        with open(path, "rb") as f:
-            data = f.read()
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return None  # the dataset reader names the problem
         if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
             return None
         width, height, depth, colour, _compression, _filter, interlace = struct.unpack(">IIBBBBB", data[16:29])

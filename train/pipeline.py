@@ -220,32 +220,44 @@ def _apply_lut(img: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
 TABLE_MIN_PIXELS = 256 * 256
 
 
+def distortion_tables(params: Dict[str, Any]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[int],
+                                                       Optional[torch.Tensor]]:
+    """`PhotoMetricDistortion` params as (pre, sat, hue, post): 256-entry uint8 tables for brightness then
+    contrast-first, for the saturation of S, and for contrast-last, and the hue shift; None: step skipped."""
+    pre = sat = post = None
+    if params.get("brightness") is not None:
+        pre = _lut(beta=params["brightness"])
+    if params["contrast_first"] and params.get("contrast") is not None:
+        contrast = _lut(alpha=params["contrast"])
+        pre = contrast if pre is None else contrast.index_select(0, pre.to(torch.int32))
+    if params.get("saturation") is not None:
+        sat = _lut(alpha=params["saturation"])
+    if not params["contrast_first"] and params.get("contrast") is not None:
+        post = _lut(alpha=params["contrast"])
+    return pre, sat, params.get("hue"), post
+
+
 def photometric(img: torch.Tensor, params: Dict[str, Any], use_tables: Optional[bool] = None) -> torch.Tensor:
     """`PhotoMetricDistortion.apply(img, params)` on tables: (3, H, W) uint8 in and out, same pixels.
 
     `use_tables` None: the HSV tables for crops of `TABLE_MIN_PIXELS` or more, the reference's
     arithmetic below."""
-    identity = torch.arange(256, dtype=torch.uint8)
-    lut = identity
-    if params.get("brightness") is not None:
-        lut = _lut(beta=params["brightness"])
-    if params["contrast_first"] and params.get("contrast") is not None:
-        lut = _lut(alpha=params["contrast"]).index_select(0, lut.to(torch.int32))
-    if lut is not identity:
-        img = _apply_lut(img, lut)
+    pre, sat, hue, post = distortion_tables(params)
+    if pre is not None:
+        img = _apply_lut(img, pre)
     steps = []
-    if params.get("saturation") is not None:
-        sat = _lut(alpha=params["saturation"]).to(torch.int32)
-        steps.append(lambda hsv: (hsv & 0xFF00FF) | (sat.index_select(0, ((hsv >> 8) & 255).reshape(-1)).view(hsv.shape) << 8))
-    if params.get("hue") is not None:
-        hue = torch.remainder(torch.arange(180) + params["hue"], 180).to(torch.int32)
-        steps.append(lambda hsv: (hue.index_select(0, (hsv >> 16).reshape(-1)).view(hsv.shape) << 16) | (hsv & 0xFFFF))
+    if sat is not None:
+        sat32 = sat.to(torch.int32)
+        steps.append(lambda hsv: (hsv & 0xFF00FF) | (sat32.index_select(0, ((hsv >> 8) & 255).reshape(-1)).view(hsv.shape) << 8))
+    if hue is not None:
+        shift = torch.remainder(torch.arange(180) + hue, 180).to(torch.int32)
+        steps.append(lambda hsv: (shift.index_select(0, (hsv >> 16).reshape(-1)).view(hsv.shape) << 16) | (hsv & 0xFFFF))
     if steps:
         if use_tables is None:
             use_tables = img.shape[-2] * img.shape[-1] >= TABLE_MIN_PIXELS
         img = _hsv_steps(img, steps, use_tables)
-    if not params["contrast_first"] and params.get("contrast") is not None:
-        img = _apply_lut(img, _lut(alpha=params["contrast"]))
+    if post is not None:
+        img = _apply_lut(img, post)
     return img
 
 
@@ -431,19 +443,7 @@ def _resize_distort(lib: Any, image: Union[torch.Tensor, PngRows], in_hw: Tuple[
     else:
         src = image.as_subclass(torch.Tensor)
         sc, sy, sx = src.stride()
-    pre = sat = post = None
-    hue = None
-    if params is not None:
-        if params.get("brightness") is not None:
-            pre = _lut(beta=params["brightness"])
-        if params["contrast_first"] and params.get("contrast") is not None:
-            contrast = _lut(alpha=params["contrast"])
-            pre = contrast if pre is None else contrast.index_select(0, pre.to(torch.int32))
-        if params.get("saturation") is not None:
-            sat = _lut(alpha=params["saturation"])
-        hue = params.get("hue")
-        if not params["contrast_first"] and params.get("contrast") is not None:
-            post = _lut(alpha=params["contrast"])
+    pre, sat, hue, post = distortion_tables(params) if params is not None else (None, None, None, None)
     ptr = (lambda t: None if t is None else t.data_ptr())  # every table is held by a name until the call returns
     if lib.resize_distort(src.data_ptr(), sy, sx, sc, in_hw[0], in_hw[1], size_hw[0], size_hw[1], top, left, height,
                           width, int(flip), ptr(pre), ptr(sat), int(hue is not None), int(hue or 0), ptr(post),

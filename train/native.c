@@ -332,6 +332,12 @@ void hsv_roundtrip(const uint8_t *rgb, int64_t n, int64_t width, const uint8_t *
  * src: uint8 with element strides (sy, sx, sc), from row 0; only rows below resize_last_row(...) + 1
  * are read. Returns 0, or -1 when out of memory.
  */
+static void horizontal(float *restrict t, const float *restrict frow, const int32_t *restrict x0,
+                       const int32_t *restrict x1, const float *restrict w0, const float *restrict w1, int64_t n)
+{
+    for (int64_t j = 0; j < n; j++) t[j] = fma_f32(frow[x0[j]], w0[j], frow[x1[j]] * w1[j]);
+}
+
 int64_t resize_last_row(int64_t in_h, int64_t out_h, int64_t top, int64_t height)
 {
     int64_t i0, i1;
@@ -351,38 +357,43 @@ int64_t resize_distort(const uint8_t *src, int64_t sy, int64_t sx, int64_t sc, i
     float h0[1], h1[1];
     linear_coeffs(in_h, out_h, top, 1, 1, y0, y1, h0, h1);
     const int64_t r_lo = y0[0], r_hi = resize_last_row(in_h, out_h, top, height) + 1, rows = r_hi - r_lo;
-    /* per output value (channel c, column j at c * width + j): its two source bytes' offsets in a row,
-       their weights; work rows and rowbuf are planes too */
-    int64_t *x0 = malloc(sizeof(int64_t) * (size_t)(2 * n + 2 * width));
-    float *w = malloc(sizeof(float) * (size_t)(2 * n + 2 * width + rows * n));
+    /* per output value (channel c, column j at c * width + j): its two source values' places in `frow`
+       (a source row's columns c_lo..c_hi as float planes), their weights; work rows and rowbuf are planes
+       too */
+    int64_t *c0 = malloc(sizeof(int64_t) * (size_t)(2 * width));
+    int32_t *x0 = malloc(sizeof(int32_t) * (size_t)(2 * n));
+    float *w = malloc(sizeof(float) * (size_t)(2 * n + 2 * width + rows * n + 3 * (in_w + 1)));
     uint8_t *scratch = malloc((size_t)(rows + n));
-    if (!x0 || !w || !scratch) { free(x0); free(w); free(scratch); return -1; }
-    int64_t *x1 = x0 + n, *c0 = x1 + n, *c1 = c0 + width;
-    float *w0 = w, *w1 = w0 + n, *l0 = w1 + n, *l1 = l0 + width, *work = l1 + width;
+    if (!c0 || !x0 || !w || !scratch) { free(c0); free(x0); free(w); free(scratch); return -1; }
+    int64_t *c1 = c0 + width;
+    int32_t *x1 = x0 + n;
+    float *w0 = w, *w1 = w0 + n, *l0 = w1 + n, *l1 = l0 + width, *work = l1 + width, *frow = work + rows * n;
     uint8_t *done = scratch, *rowbuf = scratch + rows;
     linear_coeffs(in_w, out_w, flip ? left + width - 1 : left, width, flip ? -1 : 1, c0, c1, l0, l1);
+    int64_t c_lo = in_w, c_hi = 0;
+    for (int64_t j = 0; j < width; j++) {
+        c_lo = c0[j] < c_lo ? c0[j] : c_lo;
+        c_hi = c1[j] + 1 > c_hi ? c1[j] + 1 : c_hi;
+    }
+    const int64_t span = c_hi - c_lo;
     for (int c = 0; c < 3; c++)
         for (int64_t j = 0; j < width; j++) {
-            x0[c * width + j] = c0[j] * sx + c * sc;
-            x1[c * width + j] = c1[j] * sx + c * sc;
+            x0[c * width + j] = (int32_t)(c * span + c0[j] - c_lo);
+            x1[c * width + j] = (int32_t)(c * span + c1[j] - c_lo);
             w0[c * width + j] = l0[j];
             w1[c * width + j] = l1[j];
         }
     memset(done, 0, (size_t)rows);
-    float g0[CHUNK], g1[CHUNK];
     for (int64_t i = 0; i < height; i++) {
         linear_coeffs(in_h, out_h, top + i, 1, 1, y0, y1, h0, h1);
         const int64_t ys[2] = {y0[0] - r_lo, y1[0] - r_lo};
         for (int k = 0; k < 2; k++) { /* each source row's horizontal pass, once, when first needed */
             const int64_t y = ys[k];
             if (done[y]) continue;
-            const uint8_t *row = src + (r_lo + y) * sy;
-            float *t = work + y * n;
-            for (int64_t j0 = 0; j0 < n; j0 += CHUNK) { /* gathers first, then arithmetic the compiler vectorises */
-                const int m = n - j0 < CHUNK ? (int)(n - j0) : CHUNK;
-                for (int j = 0; j < m; j++) { g0[j] = row[x0[j0 + j]]; g1[j] = row[x1[j0 + j]]; }
-                for (int j = 0; j < m; j++) t[j0 + j] = fma_f32(g0[j], w0[j0 + j], g1[j] * w1[j0 + j]);
-            }
+            const uint8_t *row = src + (r_lo + y) * sy + c_lo * sx;
+            for (int c = 0; c < 3; c++) /* to float planes first: then the gathers are float gathers, which vectorise */
+                for (int64_t x = 0; x < span; x++) frow[c * span + x] = (float)row[x * sx + c * sc];
+            horizontal(work + y * n, frow, x0, x1, w0, w1, n);
             done[y] = 1;
         }
         const float *upper = work + ys[0] * n, *lower = work + ys[1] * n;
@@ -401,6 +412,6 @@ int64_t resize_distort(const uint8_t *src, int64_t sy, int64_t sx, int64_t sc, i
         else
             for (int c = 0; c < 3; c++) memcpy(o + c * plane, rowbuf + c * width, (size_t)width);
     }
-    free(x0); free(w); free(scratch);
+    free(c0); free(x0); free(w); free(scratch);
     return 0;
 }

@@ -3,8 +3,10 @@
  * reference pipeline (train/transforms.py) bit for bit; the tests compare them on random inputs.
  *
  * Built with -ffp-contract=off: a compiler must not fuse a * b + c where the reference rounds twice
- * (aarch64 compilers fuse by default); where the reference fuses, the product is exact in double and
- * the sum is rounded once to float, as train/pipeline.py's _fma does.
+ * (aarch64 compilers fuse by default). Where the reference fuses (PyTorch's bilinear kernel, OpenCV's
+ * HSV -> RGB), fma_f32 does: one instruction where the CPU has FMA (-march=native), else the exact
+ * double product and one rounding of the sum to float, as train/pipeline.py's _fma. Loops are written
+ * for the vectoriser: chunks, one select per statement, float gathers.
  */
 #include <stdint.h>
 #include <string.h>

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -309,6 +310,8 @@ class RecipePipeline:
         use them: in the main process, so that forked workers share them."""
         if native.library() is not None:
             return
+        warnings.warn(f"training data: the native loops are unavailable ({native.why_not()}); the same pipeline "
+                      "runs as PyTorch code, 3-4x slower", RuntimeWarning, stacklevel=2)
         if self.distortion is not None and self.crop_size_hw[0] * self.crop_size_hw[1] >= TABLE_MIN_PIXELS:
             _hsv_tables()
 

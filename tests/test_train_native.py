@@ -204,5 +204,7 @@ def test_the_build_is_cached_and_the_pipeline_says_why_it_runs_without_it(tmp_pa
     monkeypatch.setenv(native.ENV_SWITCH, "0")
     try:
         assert native.library() is None and native.why_not() == "ISA_NATIVE=0"
+        with pytest.warns(RuntimeWarning, match=r"native loops are unavailable \(ISA_NATIVE=0\).*PyTorch code"):
+            RecipePipeline((32, 32), (60, 40)).warm_up()
     finally:
         native.library.cache_clear()

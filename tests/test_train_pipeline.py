@@ -15,6 +15,9 @@ from train.decode import decode_image_fast
 from train import transforms as T
 from train.data import TrainSet, collate
 
+# the "torch" backend is the fallback, which warns that it runs (test_train_native checks the warning)
+pytestmark = pytest.mark.filterwarnings("ignore:training data. the native loops are unavailable:RuntimeWarning")
+
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 

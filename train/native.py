@@ -112,7 +112,9 @@ def library() -> Optional[ctypes.CDLL]:
         _why_not = f"{ENV_SWITCH}=0"
         return None
     try:
-        return load(build())
+        lib = load(build())
+        _why_not = None
+        return lib
     except subprocess.CalledProcessError as err:
         _why_not = f"compiling {SOURCE.name} failed: {(err.stderr or '').strip()[-500:]}"
     except OSError as err:

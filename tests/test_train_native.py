@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import tv_tensors
 
 from eval.datasets import CityscapesDataset, DatasetError
 from train import native
@@ -173,6 +174,30 @@ def test_native_resize_indices_are_pytorchs(lib, in_size, out_size):
     lib.linear_coeffs(in_size, out_size, 0, out_size, 1, i0.data_ptr(), i1.data_ptr(), l0.data_ptr(), l1.data_ptr())
     for got, want in zip((i0, i1, l0, l1), _linear_coeffs(in_size, out_size)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("size_hw", [(61, 97), (150, 260), (96, 192), (47, 90), (48, 96), (200, 97)])
+@pytest.mark.parametrize("flip", [False, True])
+def test_label_windows_equal_the_window_of_pytorchs_nearest_resize(lib, size_hw, flip):
+    """Histogram and labels of a window of the resized mask, against the resize done whole by
+    torchvision (the reference pipeline's mask resize), upscaled, downscaled, same size and doubled."""
+    from train.pipeline import Labels
+
+    g = torch.Generator().manual_seed(size_hw[0])
+    mask = torch.randint(0, 6, (48, 96), dtype=torch.uint8, generator=g)
+    mask[10:20, 30:70] = 7
+    lut = torch.arange(256, dtype=torch.uint8).roll(3)  # some mapping, as reduce_zero_label's table is
+    whole = T.RandomRescale((96, 48)).transform(tv_tensors.Mask(mask[None]), {"size_hw": size_hw})[0]
+    for top, left, height, width in [(0, 0, size_hw[0], size_hw[1]), (5, 7, 20, 33), (size_hw[0] - 9, size_hw[1] - 11, 9, 11)]:
+        want = whole[top:top + height, left:left + width]
+        want = want.flip(-1) if flip else want
+        for table in (None, lut):
+            out = torch.full((height + 2, width + 3), -1, dtype=torch.int16)
+            hist = Labels(mask, table).window(lib, size_hw, (top, left, height, width), flip, out)
+            labels = want if table is None else table[want.long()]
+            assert torch.equal(out[:height, :width], labels.to(torch.int16))
+            assert (out[height:] == -1).all() and (out[:, width:] == -1).all()
+            assert torch.equal(hist, torch.bincount(labels.reshape(-1).long(), minlength=256))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -173,25 +173,39 @@ int64_t mask_window(const uint8_t *mask, int64_t stride, int64_t in_h, int64_t i
                     int64_t top, int64_t left, int64_t height, int64_t width, int flip, const uint8_t *lut,
                     int16_t *out, int64_t out_stride, int64_t *hist)
 {
-    int64_t *rows = malloc(sizeof(int64_t) * (size_t)(height + width));
+    int64_t *rows = malloc(sizeof(int64_t) * (size_t)(height + 3 * width));
     if (!rows) return -1;
-    int64_t *cols = rows + height;
+    int64_t *cols = rows + height, *runs = cols + width, *run_len = runs + width;
     nearest_index(in_h, out_h, top, height, 1, rows);
     nearest_index(in_w, out_w, flip ? left + width - 1 : left, width, flip ? -1 : 1, cols);
+    /* an upscaled window repeats source rows and columns: count each source pixel once, times its
+       repeats (indices are monotonic, so repeats are runs) */
+    int64_t nruns = 0;
+    for (int64_t j = 0; j < width; j++) {
+        if (j == 0 || cols[j] != cols[j - 1]) { runs[nruns] = cols[j]; run_len[nruns++] = 0; }
+        run_len[nruns - 1]++;
+    }
     uint32_t sub[4][256]; /* four histograms: runs of one label would stall on a single counter */
     memset(sub, 0, sizeof sub);
     for (int64_t i = 0; i < height; i++) {
         const uint8_t *src = mask + rows[i] * stride;
-        int64_t j = 0;
-        for (; j + 3 < width; j += 4) {
-            sub[0][src[cols[j]]]++; sub[1][src[cols[j + 1]]]++;
-            sub[2][src[cols[j + 2]]]++; sub[3][src[cols[j + 3]]]++;
+        if (i == 0 || rows[i] != rows[i - 1]) {
+            int64_t repeat = 1;
+            while (i + repeat < height && rows[i + repeat] == rows[i]) repeat++;
+            int64_t u = 0;
+            for (; u + 3 < nruns; u += 4) {
+                sub[0][src[runs[u]]] += (uint32_t)(repeat * run_len[u]);
+                sub[1][src[runs[u + 1]]] += (uint32_t)(repeat * run_len[u + 1]);
+                sub[2][src[runs[u + 2]]] += (uint32_t)(repeat * run_len[u + 2]);
+                sub[3][src[runs[u + 3]]] += (uint32_t)(repeat * run_len[u + 3]);
+            }
+            for (; u < nruns; u++) sub[0][src[runs[u]]] += (uint32_t)(repeat * run_len[u]);
         }
-        for (; j < width; j++) sub[0][src[cols[j]]]++;
         if (out) {
             int16_t *dst = out + i * out_stride;
-            if (lut) for (j = 0; j < width; j++) dst[j] = lut[src[cols[j]]];
-            else for (j = 0; j < width; j++) dst[j] = src[cols[j]];
+            if (i > 0 && rows[i] == rows[i - 1]) memcpy(dst, dst - out_stride, sizeof(int16_t) * (size_t)width);
+            else if (lut) for (int64_t j = 0; j < width; j++) dst[j] = lut[src[cols[j]]];
+            else for (int64_t j = 0; j < width; j++) dst[j] = src[cols[j]];
         }
     }
     for (int v = 0; v < 256; v++) hist[v] += (int64_t)sub[0][v] + sub[1][v] + sub[2][v] + sub[3][v];

@@ -356,11 +356,14 @@ class RecipePipeline:
 
         box = self.crop.choose_box(size_hw[0], size_hw[1], histogram, histogram=True)["box"]
         flip = bool(torch.rand(1) < self.flip_prob)  # v2.RandomHorizontalFlip's draw
-        label = torch.full(self.crop_size_hw, PAD_LABEL, dtype=torch.int16)
+        top, left, height, width = box
+        label = torch.empty(self.crop_size_hw, dtype=torch.int16)
+        img = torch.empty((3, *self.crop_size_hw), dtype=torch.uint8)
+        if (height, width) != self.crop_size_hw:  # padded: the loops write the crop's corner only
+            label.fill_(PAD_LABEL)
+            img.zero_()
         labels.window(lib, size_hw, box, flip, label)
         params = self.distortion.make_params([]) if self.distortion is not None else None
-        img = torch.zeros((3, *self.crop_size_hw), dtype=torch.uint8)
-        top, left, height, width = box
         if sum(size_hw) > 128:
             _resize_distort(lib, image, in_hw, size_hw, box, flip, params, img)
         else:  # PyTorch resizes small outputs with another kernel: `resize_window` knows it

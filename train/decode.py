@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fall
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CHANNELS = {0: 1, 2: 3, 3: 1}  # colour type -> samples per pixel (grey, RGB, palette index)
+_MAX_PIXELS = 1 << 28  # larger headers go to the reader (Pillow's decompression-bomb check names them)
 
 
 class PngRows:
@@ -63,7 +64,7 @@ class PngRows:
         if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
             return None
         width, height, depth, colour, _compression, _filter, interlace = struct.unpack(">IIBBBBB", data[16:29])
-        if depth != 8 or interlace != 0 or colour not in colour_types or not width or not height:
+        if depth != 8 or interlace != 0 or colour not in colour_types or not 0 < width * height <= _MAX_PIXELS:
             return None
         chunks, pos = [], 8
         while pos + 8 <= len(data):

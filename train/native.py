@@ -3,7 +3,7 @@ compiler (as Triton builds its launchers) into `$ISA_HOME/native/` and loaded wi
 
 `library()` is the loaded library, or None when there is no compiler, the build fails, or
 `ISA_NATIVE=0`; the pipeline then runs its PyTorch code, which gives the same pixels, more slowly.
-`why_not()` says why it is None. The build is keyed by the source, the compiler and the flags, takes
+`why_not()` says why it is None. The build is keyed by the source, compiler, flags and CPU, takes
 about a second, and is written atomically (workers and ranks may race to build it).
 
 Example:

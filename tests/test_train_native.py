@@ -65,14 +65,16 @@ def _filter_rows(pixels: np.ndarray, filters) -> bytes:
     return bytes(out)
 
 
-def _png(pixels: np.ndarray, filters, colour: int, chunk: int = 97) -> bytes:
-    """A PNG file around the filtered rows, its stream split over several IDAT chunks."""
+def _png(pixels: np.ndarray, filters, colour: int, chunk: int = 97, scanlines: bytes = None,
+         interlace: int = 0) -> bytes:
+    """A PNG file around the filtered rows (or the given `scanlines`), its stream split over several IDAT
+    chunks."""
     def chunk_bytes(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     h, w = pixels.shape[:2]
-    stream = zlib.compress(_filter_rows(pixels, filters), 6)
-    out = b"\x89PNG\r\n\x1a\n" + chunk_bytes(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0))
+    stream = zlib.compress(scanlines if scanlines is not None else _filter_rows(pixels, filters), 6)
+    out = b"\x89PNG\r\n\x1a\n" + chunk_bytes(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, interlace))
     if colour == 3:
         out += chunk_bytes(b"PLTE", bytes(range(256)) * 3)
     for i in range(0, len(stream), chunk):
@@ -111,18 +113,17 @@ def test_png_rows_decline_what_they_do_not_read_and_name_a_broken_stream(tmp_pat
     Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
     Image.fromarray(np.zeros((8, 8), np.uint16)).save(tmp_path / "16.png")
     (tmp_path / "short.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
-    for name in ("rgba.png", "16.png", "short.png", "missing.png"):
+    (tmp_path / "interlaced.png").write_bytes(_png(rgb, [0], 2, interlace=1))
+    for name in ("rgba.png", "16.png", "short.png", "missing.png", "interlaced.png"):
         assert PngRows.open(tmp_path / name) is None, name
     assert PngRows.open(tmp_path / "rgba.png", colour_types=(2,)) is None
     good = _png(np.arange(64 * 3, dtype=np.uint8).reshape(8, 8, 3), [1], 2)
     (tmp_path / "cut.png").write_bytes(good[:len(good) // 2])
     with pytest.raises(ValueError, match="ends after|corrupt"):
         PngRows.open(tmp_path / "cut.png").rows(8)
-    bad_filter = bytearray(zlib.decompress(zlib.compress(_filter_rows(np.zeros((4, 4, 3), np.uint8), [0]))))
-    bad_filter[2 * 13] = 9  # row 2's filter type
-    data = _png(np.zeros((4, 4, 3), np.uint8), [0], 2).replace(
-        zlib.compress(_filter_rows(np.zeros((4, 4, 3), np.uint8), [0]), 6), zlib.compress(bytes(bad_filter), 6))
-    (tmp_path / "filter.png").write_bytes(data)
+    scanlines = bytearray(_filter_rows(np.zeros((4, 4, 3), np.uint8), [0]))
+    scanlines[2 * (1 + 4 * 3)] = 9  # row 2's filter type
+    (tmp_path / "filter.png").write_bytes(_png(np.zeros((4, 4, 3), np.uint8), [0], 2, scanlines=bytes(scanlines)))
     with pytest.raises(ValueError, match="row 2 has an unknown filter type"):
         PngRows.open(tmp_path / "filter.png").rows(4)
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 
 from eval.datasets import read_mask
 
-from .decode import PngRows, decode_image_fast
+from .decode import PngRows, open_image
 from .pipeline import Labels, RecipePipeline
 
 IGNORE_INDEX = 255
@@ -105,7 +105,7 @@ class TrainSet(Dataset):
     """Wraps an `eval.datasets` reader: `[(index, seed)] -> (image, label)` through `transforms`.
 
     With a `train.pipeline.RecipePipeline` (what training uses) the files are opened for the pipeline to
-    decode as far as it reads (`train.decode.PngRows` for 8-bit PNGs; JPEGs through `decode_image_fast`),
+    decode as far as it reads (`train.decode.open_image`: RGB PNGs as `PngRows`, JPEGs decoded whole),
     the stored mask values go through the reader's own mapping as a 256-entry table, and the sample is
     `(uint8 (3, h, w), int16 (h, w))` to be finished by `normalize_batch` on the device. Any file this
     path declines, or a value the reader would refuse, goes through the reader itself (Pillow, and its
@@ -138,7 +138,7 @@ class TrainSet(Dataset):
         if not (hasattr(base, "load_mask") and hasattr(base, "samples")):
             return None
         sample = base.samples[index]
-        image = PngRows.open(sample.image_path, colour_types=(2,)) or decode_image_fast(sample.image_path)
+        image = open_image(sample.image_path)
         if image is None:
             return None
         labels = self._labels(index)

@@ -19,7 +19,7 @@ import functools
 import struct
 import warnings
 import zlib
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 import torch
 
@@ -54,14 +54,13 @@ class PngRows:
     @classmethod
     def open(cls, path: Any, colour_types: Tuple[int, ...] = (0, 2, 3)) -> Optional["PngRows"]:
         """The file's rows, or None if it is not an 8-bit non-interlaced PNG of one of `colour_types`."""
-        if native.library() is None:
-            return None
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError:
-            return None  # the dataset reader names the problem
-        if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
+        data = _read(path) if native.library() is not None else None
+        return None if data is None else cls.from_bytes(data, colour_types)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, colour_types: Tuple[int, ...] = (0, 2, 3)) -> Optional["PngRows"]:
+        """`open` of a file's bytes."""
+        if native.library() is None or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
             return None
         width, height, depth, colour, _compression, _filter, interlace = struct.unpack(">IIBBBBB", data[16:29])
         if depth != 8 or interlace != 0 or colour not in colour_types or not 0 < width * height <= _MAX_PIXELS:
@@ -102,15 +101,36 @@ class PngRows:
 # --------------------------------------------------------------------------------------------------
 # whole images through torchvision.io
 
+def open_image(path: Any) -> Optional[Union[PngRows, torch.Tensor]]:
+    """A training image for the fast pipeline, the file read once: an 8-bit RGB PNG as `PngRows`, else
+    `decode_image_fast`'s tensor; None where only the dataset reader can read it."""
+    data = _read(path)
+    if data is None:
+        return None
+    return PngRows.from_bytes(data, colour_types=(2,)) or _decode_bytes(data)
+
+
 def decode_image_fast(path: Any) -> Optional[torch.Tensor]:
     """Decode an 8-bit RGB PNG or a 3-component JPEG with torchvision.io (libpng / libjpeg-turbo: faster
     than Pillow, the same pixels: PNG is lossless and the JPEG decoders agree bit for bit here) to a
     uint8 (3, H, W) tensor; None for any other file or any failure, so that the caller falls back to the
     dataset reader (Pillow, with its named errors)."""
+    data = _read(path)
+    return None if data is None else _decode_bytes(data)
+
+
+def _read(path: Any) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None  # the dataset reader names the problem
+
+
+def _decode_bytes(data: bytes) -> Optional[torch.Tensor]:
+    """`decode_image_fast` of a file's bytes."""
     try:
         tio = _torchvision_io()
-        with open(path, "rb") as f:
-            data = f.read()
         if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and data[24] == 8 and data[25] == 2:
             kind = "png"  # bit depth 8, colour type 2 (RGB): what libpng and Pillow read identically
         elif data[:2] == b"\xff\xd8" and _jpeg_components(data) == 3:

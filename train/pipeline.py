@@ -387,6 +387,13 @@ class Labels:
     lut: Optional[torch.Tensor] = None
     valid: Optional[torch.Tensor] = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.stored, torch.Tensor):  # once, not at every window: uint8 rows, unit column stride
+            stored = self.stored.as_subclass(torch.Tensor)
+            if stored.dtype != torch.uint8 or stored.stride(-1) != 1:
+                stored = stored.to(torch.uint8).contiguous()
+            self.stored = stored
+
     @property
     def size_hw(self) -> Tuple[int, int]:
         if isinstance(self.stored, PngRows):
@@ -395,8 +402,7 @@ class Labels:
 
     def whole(self) -> torch.Tensor:
         """The whole label map (H, W), checked and mapped."""
-        stored = self.stored.as_subclass(torch.Tensor) if isinstance(self.stored, torch.Tensor) else \
-            self.stored.rows(self.size_hw[0])[..., 0]
+        stored = self.stored if isinstance(self.stored, torch.Tensor) else self.stored.rows(self.size_hw[0])[..., 0]
         if self.valid is not None:
             self._check(torch.bincount(stored.reshape(-1).to(torch.int64), minlength=256))
         if self.lut is None:
@@ -408,12 +414,9 @@ class Labels:
         """Histogram (256) of the labels in `box` of the nearest resize to `size_hw`, written (columns
         reversed when `flip`) to the top-left corner of `out` (int16) if given."""
         (in_h, in_w), (top, left, height, width) = self.size_hw, box
-        if isinstance(self.stored, PngRows):
-            stored = self.stored.rows(lib.mask_last_row(in_h, size_hw[0], top, height) + 1)[..., 0]
-        else:
-            stored = self.stored
-            if stored.dtype != torch.uint8 or stored.stride(-1) != 1:
-                stored = stored.to(torch.uint8).contiguous()
+        stored = self.stored
+        if isinstance(stored, PngRows):
+            stored = stored.rows(lib.mask_last_row(in_h, size_hw[0], top, height) + 1)[..., 0]
         stored_hist = torch.zeros(256, dtype=torch.int64)
         if lib.mask_window(stored.data_ptr(), stored.stride(0), in_h, in_w, size_hw[0], size_hw[1], top, left, height,
                            width, int(flip), None if self.lut is None else self.lut.data_ptr(),

@@ -14,6 +14,12 @@ mIoU / mAcc = NaN-ignoring means. Counts are int64 (exact); MMSegmentation sums 
 differs from exact counts by far less than 0.01 mIoU. ``compute`` returns unrounded percentages;
 :func:`round_like_mmseg` gives MMSegmentation's 2-decimal report.
 
+``metrics`` picks MMSegmentation 1.x's ``IoUMetric(iou_metrics=...)`` groups: ``mIoU`` (IoU, Acc), ``mDice``
+(Dice = 2I / (P + L), Acc) and ``mFscore`` (Precision = I / P, Recall = I / L, Fscore = (1 + β²)PR / (β²P + R),
+which is NaN — not 0 — where the intersection is 0, so mFscore ≠ mDice even at β = 1). ``nan_to_num``
+replaces NaN per class (and in aAcc) before the means, as ``np.nan_to_num`` does there. ``fwIoU`` (frequency-
+weighted IoU, Σ_c L_c / ΣL · IoU_c) and each class's ``Share`` of the labelled pixels come on top.
+
 >>> import torch
 >>> from eval.metrics import IoUMetric
 >>> metric = IoUMetric(num_classes=2)
@@ -26,6 +32,7 @@ differs from exact counts by far less than 0.01 mIoU. ``compute`` returns unroun
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -68,12 +75,19 @@ class IoUMetric:
     (100.0, nan)
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, reduce_zero_label: bool = False) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = 255, reduce_zero_label: bool = False, *,
+                 metrics: Sequence[str] | str = ("mIoU",), beta: float = 1.0, nan_to_num: float | None = None
+                 ) -> None:
         if num_classes < 1:
             raise ValueError(f"IoUMetric: num_classes must be ≥ 1, got {num_classes}")
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         self.reduce_zero_label = bool(reduce_zero_label)
+        self.metrics = check_metric_names(metrics)
+        if not beta > 0:
+            raise ValueError(f"IoUMetric: beta must be > 0 (the F-score's recall weight), got {beta}")
+        self.beta = float(beta)
+        self.nan_to_num = None if nan_to_num is None else float(nan_to_num)
         self.num_images = 0
         self.confusion: torch.Tensor | None = None
 
@@ -83,8 +97,12 @@ class IoUMetric:
         self.confusion = None
 
     @torch.no_grad()
-    def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
-        """Add one prediction/label pair (H, W) or a batch (N, H, W) of them."""
+    def update(self, pred: torch.Tensor, label: torch.Tensor, per_image: bool = False) -> torch.Tensor | None:
+        """Add one prediction/label pair (H, W) or a batch (N, H, W) of them.
+
+        With ``per_image`` returns each image's own (K+1)×(K+1) confusion matrix, (N, K+1, K+1) int64 — the
+        counts that were added, from the same single ``bincount``.
+        """
         if pred.shape != label.shape:
             raise ValueError(f"IoUMetric.update: pred shape {tuple(pred.shape)} != label shape "
                              f"{tuple(label.shape)}; resize the prediction to the label's size first")
@@ -97,19 +115,23 @@ class IoUMetric:
         label = label.to(pred.device)
         if self.reduce_zero_label:
             label = reduce_zero_label_(label, self.ignore_index)
-        label = label.reshape(-1).to(torch.int64)
-        pred = pred.reshape(-1).to(torch.int64)
-        keep = label != self.ignore_index
-        label, pred = label[keep], pred[keep]
+        label = label.reshape(batch, -1).to(torch.int64)
+        pred = pred.reshape(batch, -1).to(torch.int64)
         # Bucket k collects everything histc(min=0, max=k-1) would drop.
-        label = torch.where((label >= 0) & (label < k), label, k)
-        pred = torch.where((pred >= 0) & (pred < k), pred, k)
-        counts = torch.bincount(label * (k + 1) + pred, minlength=(k + 1) ** 2).view(k + 1, k + 1)
+        cells = torch.where((label >= 0) & (label < k), label, k) * (k + 1)
+        cells += torch.where((pred >= 0) & (pred < k), pred, k)
+        if per_image:  # one bincount over (image, cell): the per-image matrices and their sum in one pass
+            cells += torch.arange(batch, device=cells.device).view(-1, 1) * (k + 1) ** 2
+        cells = cells[label != self.ignore_index]
+        size = (batch if per_image else 1) * (k + 1) ** 2
+        images = torch.bincount(cells, minlength=size).view(-1, k + 1, k + 1)
+        counts = images.sum(dim=0)
         if self.confusion is None:
             self.confusion = counts
         else:
             self.confusion += counts.to(self.confusion.device)
         self.num_images += batch
+        return images if per_image else None
 
     def _reduced_confusion(self) -> torch.Tensor:
         k = self.num_classes
@@ -133,20 +155,74 @@ class IoUMetric:
                 "pred": area_pred, "label": area_label}
 
     def compute(self) -> dict[str, Any]:
-        """``aAcc``, ``mIoU``, ``mAcc`` (percent, unrounded) and per-class ``IoU``, ``Acc`` lists (NaN if undefined)."""
-        a = self.areas()
-        intersect = a["intersect"].double()
-        iou = _divide(intersect, a["union"].double())
-        acc = _divide(intersect, a["label"].double())
-        total_label = float(a["label"].sum())
-        aacc = float(intersect.sum()) / total_label if total_label > 0 else math.nan
-        return {
-            "aAcc": aacc * 100.0,
-            "mIoU": _nanmean(iou) * 100.0,
-            "mAcc": _nanmean(acc) * 100.0,
-            "IoU": [float(v) * 100.0 for v in iou],
-            "Acc": [float(v) * 100.0 for v in acc],
-        }
+        """Summary and per-class values (percent, unrounded; NaN where undefined) of the chosen ``metrics``.
+
+        Keys in MMSegmentation's order: ``aAcc``, then per group its per-class lists (``IoU``, ``Acc``; ``Dice``;
+        ``Fscore``, ``Precision``, ``Recall``) and their NaN-ignoring means (``mIoU``, ``mAcc``, ...), then
+        ``fwIoU`` and ``Share`` (each class's percent of the labelled pixels).
+        """
+        return metrics_from_areas(self.areas(), self.metrics, beta=self.beta, nan_to_num=self.nan_to_num)
+
+
+METRIC_NAMES = ("mIoU", "mDice", "mFscore")
+# the per-class values each group adds, in MMSegmentation's order (total_area_to_metrics)
+_GROUPS = {"mIoU": ("IoU", "Acc"), "mDice": ("Dice", "Acc"), "mFscore": ("Fscore", "Precision", "Recall")}
+
+
+def check_metric_names(metrics: Sequence[str] | str) -> tuple[str, ...]:
+    """The metric groups as a tuple, refusing names MMSegmentation's IoUMetric does not know."""
+    names = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    bad = [m for m in names if m not in METRIC_NAMES]
+    if bad or not names:
+        raise ValueError(f"metrics {bad or '(none)'} not supported; choose from {', '.join(METRIC_NAMES)} "
+                         "(MMSegmentation's iou_metrics names)")
+    return tuple(dict.fromkeys(names))
+
+
+def per_class_values(areas: dict[str, torch.Tensor], metrics: Sequence[str] = ("mIoU",), beta: float = 1.0
+                     ) -> dict[str, torch.Tensor]:
+    """Per-class fractions (float64, NaN where a denominator is 0) of the metric groups, in MMSeg's key order."""
+    intersect, union = areas["intersect"].double(), areas["union"].double()
+    pred, label = areas["pred"].double(), areas["label"].double()
+    out: dict[str, torch.Tensor] = {}
+    for name in check_metric_names(metrics):
+        if name == "mIoU":
+            out["IoU"] = _divide(intersect, union)
+            out["Acc"] = _divide(intersect, label)
+        elif name == "mDice":
+            out["Dice"] = _divide(2 * intersect, pred + label)
+            out["Acc"] = _divide(intersect, label)
+        else:
+            precision, recall = _divide(intersect, pred), _divide(intersect, label)
+            b2 = beta * beta
+            # MMSeg's f_score divides without a guard: 0/0 (no intersection) and NaN inputs give NaN
+            out["Fscore"] = (1 + b2) * (precision * recall) / (b2 * precision + recall)
+            out["Precision"] = precision
+            out["Recall"] = recall
+    return out
+
+
+def metrics_from_areas(areas: dict[str, torch.Tensor], metrics: Sequence[str] = ("mIoU",), *, beta: float = 1.0,
+                       nan_to_num: float | None = None) -> dict[str, Any]:
+    """``IoUMetric.compute`` from dataset totals (``intersect``, ``union``, ``pred``, ``label`` per class)."""
+    values = per_class_values(areas, metrics, beta)
+    label = areas["label"].double()
+    total_label = float(label.sum())
+    aacc = float(areas["intersect"].double().sum()) / total_label if total_label > 0 else math.nan
+    if nan_to_num is not None:
+        values = {key: torch.nan_to_num(v, nan=nan_to_num) for key, v in values.items()}
+        aacc = nan_to_num if math.isnan(aacc) else aacc
+    result: dict[str, Any] = {"aAcc": aacc * 100.0}
+    for key, value in values.items():
+        result["m" + key] = _nanmean(value) * 100.0
+    for key, value in values.items():
+        result[key] = [float(v) * 100.0 for v in value]
+    iou = _divide(areas["intersect"].double(), areas["union"].double())
+    freq = label / total_label if total_label > 0 else torch.full_like(label, math.nan)
+    # classes without labelled pixels weigh 0 (their IoU is 0 or NaN): a plain sum over labelled classes
+    result["fwIoU"] = float((freq[label > 0] * iou[label > 0]).sum()) * 100.0 if total_label > 0 else math.nan
+    result["Share"] = [float(v) * 100.0 for v in freq]
+    return result
 
 
 def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The `isa` command line: one sub-command per job; the parsers live here, the work in the packages.
 
-    isa list | info | download | convert | eval | predict | train | bench | demo
+    isa list | info | download | convert | eval | predict | train | bench | demo | import | push
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full `isa` parser, with every sub-command."""
     from zoo.hub import DEFAULT_CACHE_DIR, ENV_HOME
 
-    from . import bench, demo, evaluation, export, training
+    from . import bench, demo, evaluation, export, importing, training
 
     parser = argparse.ArgumentParser(prog="isa", description="ISANet model zoo with fused Triton attention")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     export.add_parser(sub)
     demo.add_parser(sub)
+    importing.add_parsers(sub)
     return parser
 
 

@@ -19,6 +19,7 @@ import hashlib
 import http.client
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -26,7 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Tuple, Union
 
 from tqdm import tqdm
 
@@ -239,7 +240,8 @@ def resolve_weights(name: str, weights: Union[None, str, PathLike], *,
                     cache_dir: Optional[PathLike] = None, progress: bool = True) -> Optional[Path]:
     """The weights file for `create_model(name, weights=...)`: explicit file > cache > download.
 
-    `weights` is None (random init: returns None), "auto" (cached or downloaded published weights)
+    `weights` is None (random init: returns None), "auto" (cached or downloaded published weights;
+    from the Hugging Face repo `$ISA_HF_MIRROR` when set), "hf-hub:OWNER/REPO[@REV]" (`hf_hub_weights`)
     or a path to a .safetensors/.pth file, which must exist.
 
     Example:
@@ -248,11 +250,102 @@ def resolve_weights(name: str, weights: Union[None, str, PathLike], *,
     """
     if weights is None:
         return None
+    if isinstance(weights, str) and weights.startswith(HF_HUB_PREFIX):
+        return hf_hub_weights(weights)
     if isinstance(weights, str) and weights == "auto":
-        return cached_weights(name, cache_dir=cache_dir) or download(
-            name, cache_dir=cache_dir, progress=progress)
+        mirror = os.environ.get(ENV_HF_MIRROR)
+        return cached_weights(name, cache_dir=cache_dir) or (
+            mirror_weights(name, mirror) if mirror else download(name, cache_dir=cache_dir, progress=progress))
     path = Path(weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(errno.ENOENT, "weights file not found (use weights='auto' for the "
                                 "published checkpoint)", str(path))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face Hub: `hf-hub:OWNER/REPO[@REV]` weights (what `isa push` uploads), and a mirror of the 16 variants
+
+HF_HUB_PREFIX = "hf-hub:"
+HF_WEIGHTS_FILE = "model.safetensors"
+ENV_HF_MIRROR = "ISA_HF_MIRROR"
+_HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def parse_hf_hub(spec: str) -> Tuple[str, Optional[str]]:
+    """`hf-hub:OWNER/REPO[@REV]` (or `OWNER/REPO[@REV]`) -> (repo id, revision or None).
+
+    Example:
+        >>> parse_hf_hub("hf-hub:me/isanet-cats@v1")
+        ('me/isanet-cats', 'v1')
+    """
+    body = spec[len(HF_HUB_PREFIX):] if spec.startswith(HF_HUB_PREFIX) else spec
+    repo, _, revision = body.partition("@")
+    if not _HF_REPO.match(repo) or (_ and not revision):
+        raise ValueError(f"{spec!r} is not a Hugging Face model: write hf-hub:OWNER/REPO or hf-hub:OWNER/REPO@REVISION")
+    return repo, revision or None
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hf_hub_weights(spec: str, filename: str = HF_WEIGHTS_FILE) -> Path:
+    """`filename` of the Hugging Face model repo `spec` (`hf-hub:OWNER/REPO[@REV]`), through huggingface_hub's
+    cache (`$HF_HUB_CACHE` / `$HF_HOME`): downloaded once, pinned by `@REV` (a branch, tag or commit).
+
+    `HF_HUB_OFFLINE=1` uses the cache only; the token is huggingface_hub's (`HF_TOKEN`, `hf auth login`);
+    `HF_ENDPOINT` picks another Hub. These are read when called. Needs the optional extra `hub`.
+
+    Example:
+        >>> hf_hub_weights("hf-hub:me/isanet-cats@v1").name
+        'model.safetensors'
+    """
+    repo, revision = parse_hf_hub(spec)
+    shown = f"{HF_HUB_PREFIX}{repo}" + (f"@{revision}" if revision else "")
+    try:
+        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                            RepositoryNotFoundError, RevisionNotFoundError)
+    except ImportError as exc:
+        raise DownloadError(f"{shown}: loading from the Hugging Face Hub needs huggingface_hub: "
+                            "pip install 'isa-triton[hub]'") from exc
+    offline = _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or constants.HF_HUB_OFFLINE
+    cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub")
+                                               if os.environ.get("HF_HOME") else constants.HF_HUB_CACHE)
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache, local_files_only=offline,
+                                    endpoint=os.environ.get("HF_ENDPOINT") or None,
+                                    library_name="isa-triton"))
+    except RepositoryNotFoundError as exc:
+        raise DownloadError(f"{shown}: no model repo {repo!r} on the Hub (or it is private and no token was given: "
+                            "set HF_TOKEN or run `hf auth login`)") from exc
+    except RevisionNotFoundError as exc:
+        raise DownloadError(f"{shown}: the repo has no revision {revision!r} (a branch, tag or commit)") from exc
+    except LocalEntryNotFoundError as exc:
+        if offline:
+            raise DownloadError(f"{shown}: {filename} is not in the Hugging Face cache {cache} and offline mode is on "
+                                "(HF_HUB_OFFLINE=1); run once online to fill the cache, or pass a local "
+                                "--weights FILE") from exc
+        raise DownloadError(f"{shown}: cannot reach the Hub ({os.environ.get('HF_ENDPOINT') or constants.ENDPOINT}) "
+                            f"and {filename} is not in the cache {cache}: {exc}") from exc
+    except EntryNotFoundError as exc:
+        raise DownloadError(f"{shown}: the repo has no {filename} (`isa push` uploads it)") from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise DownloadError(f"{shown}: download failed: {exc}") from exc
+
+
+def mirror_weights(name: str, mirror: str) -> Path:
+    """Variant `name`'s `<name>.safetensors` from the Hugging Face repo `mirror` (`$ISA_HF_MIRROR`,
+    `OWNER/REPO[@REV]`), checked against the published checkpoint's sha256 prefix it records."""
+    from .reader import read_metadata
+
+    config = get_config(name)
+    path = hf_hub_weights(mirror if mirror.startswith(HF_HUB_PREFIX) else HF_HUB_PREFIX + mirror,
+                          filename=f"{name}.safetensors")
+    recorded = read_metadata(path).get("source_sha256", "")
+    if config.checkpoint_sha256_prefix and not recorded.startswith(config.checkpoint_sha256_prefix):
+        raise DownloadError(f"{path} (from ${ENV_HF_MIRROR}={mirror}) records source sha256 {recorded[:8] or 'none'}, "
+                            f"the published {name} checkpoint has {config.checkpoint_sha256_prefix}; the mirror holds "
+                            "other weights")
     return path

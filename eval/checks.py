@@ -3,10 +3,18 @@
 `check_dataset(root)` reads every image header and every mask of each split and reports, per split, a
 table of pixel counts per class, then errors and warnings, each naming the file and the value:
 
-- errors: images without masks and masks without images, image/mask size mismatches, mask values
-  outside the classes (with pixel counts), masks that hold only 0 and 255 (binary masks saved as
-  0/255: 255 is the ignore label, so the foreground would never be learnt), unreadable files;
-- warnings: classes with no pixel in the train split, splits where most pixels are ignored.
+- errors: images without masks and masks without images, empty splits, image/mask size mismatches
+  (naming the EXIF orientation where the mask fits the stored pixels but not the upright image that
+  training and evaluation read), mask values outside the classes (with pixel counts), masks that hold
+  only 0 and 255 (binary masks saved as 0/255: 255 is the ignore label, so the foreground would never
+  be learnt), unreadable, corrupt, oversized or lossy (JPEG) files;
+- warnings: classes with no pixel in the train split, splits where most pixels are ignored, photos with
+  an EXIF orientation (read upright: masks must be drawn on the upright view), a crop larger than every
+  train image, train classes under 0.1% of the labelled pixels (with the `--class-weights auto` hint).
+
+Every file goes through the one reader (`zoo.images`): the same checks and pixels as training and
+evaluation. Masks pair with images by stem across `mask_suffixes` (a JPEG mask is found, and refused as
+lossy).
 
 `isa check-data DIR` prints the report; `isa train` runs it first on a folder dataset and stops on errors.
 
@@ -20,12 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from eval.datasets import FOLDER_IMAGE_SUFFIXES, DatasetError, folder_meta, list_files, read_mask
+from eval.datasets import (FOLDER_IMAGE_SUFFIXES, MASK_SUFFIXES, DatasetError, Sample, folder_meta, list_files,
+                           read_mask, size_mismatch)
 from zoo.classes import DatasetMeta
+from zoo.images import MAX_PIXELS, ImageError, probe, read_image
 
 MOSTLY_IGNORED = 0.5  # a split whose share of ignored pixels exceeds this gets a warning
+RARE_CLASS = 0.001  # a train class under this share of the labelled pixels gets a warning (--class-weights hint)
 _SHOWN = 5  # files named per problem before "... and N more"
 
 
@@ -84,9 +94,14 @@ def _files(names: Sequence[str], folder: Path) -> str:
 
 
 def check_dataset(root: str | Path, splits: Sequence[str] = ("train", "val"),
-                  num_classes: int | None = None) -> DataReport:
+                  num_classes: int | None = None, crop_size: Sequence[int] | None = None,
+                  max_pixels: int | None = MAX_PIXELS, mask_suffixes: Sequence[str] = MASK_SUFFIXES) -> DataReport:
     """Check a folder dataset (ROOT/images/<split>, ROOT/masks/<split>, ROOT/dataset.json); never raises
-    for bad data — every problem is in the report (a missing ROOT or unreadable dataset.json raises)."""
+    for bad data — every problem is in the report (a missing ROOT or unreadable dataset.json raises).
+
+    ``crop_size`` (h, w): the training crop, named when it is larger than every train image;
+    ``max_pixels``: the reader's pixel limit; ``mask_suffixes``: the mask file suffixes paired by stem.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root} does not exist or is not a folder (expected ROOT/images/<split>/, "
@@ -104,8 +119,20 @@ def check_dataset(root: str | Path, splits: Sequence[str] = ("train", "val"),
         part = SplitReport(split)
         report.splits.append(part)
         images = {name.rsplit(".", 1)[0]: name for name in list_files(image_dir, FOLDER_IMAGE_SUFFIXES)}
-        masks = {name[:-4]: name for name in list_files(mask_dir, ".png")} if mask_dir.is_dir() else {}
+        masks: dict[str, str] = {}
+        doubled: list[str] = []
+        for name in list_files(mask_dir, tuple(mask_suffixes)) if mask_dir.is_dir() else []:
+            stem = name.rsplit(".", 1)[0]
+            if stem in masks:
+                doubled.append(f"{masks[stem]} / {name}")
+            masks.setdefault(stem, name)
+        if doubled:
+            report.errors.append(f"{split}: {len(doubled)} image(s) with two masks of one stem in {mask_dir} "
+                                 f"(keep one): {', '.join(doubled[:_SHOWN])}")
         part.images, part.masks = len(images), len(masks)
+        if not images:
+            report.errors.append(f"{split}: the split is empty: no image ({', '.join(FOLDER_IMAGE_SUFFIXES)}) in "
+                                 f"{image_dir}")
         lonely_images = sorted(images[s] for s in images.keys() - masks.keys())
         lonely_masks = sorted(masks[s] for s in masks.keys() - images.keys())
         if lonely_images:
@@ -116,24 +143,29 @@ def check_dataset(root: str | Path, splits: Sequence[str] = ("train", "val"),
                                    f"{_files(lonely_masks, mask_dir)}")
         outside: dict[int, list[str]] = {}
         binary: list[str] = []
+        rotated: list[str] = []
+        largest, crop_fits = (0, 0), False
         for stem in sorted(images.keys() & masks.keys()):
             image_path, mask_path = image_dir / images[stem], mask_dir / masks[stem]
-            try:
-                with Image.open(image_path) as pil:
-                    width, height = pil.size
-                    pil.verify()
-            except Exception as exc:
-                report.errors.append(f"cannot read image {image_path}: {exc}")
+            try:  # decoded whole, as training and evaluation will: a corrupt stream is found here
+                upright_hw = tuple(read_image(image_path, "image", max_pixels).shape[-2:])
+                info = probe(image_path, max_pixels)
+            except ImageError as exc:
+                report.errors.append(str(exc))
                 continue
+            if info.orientation != 1:
+                rotated.append(images[stem])
             try:
-                mask = np.asarray(read_mask(mask_path, palette))
+                mask = np.asarray(read_mask(mask_path, palette, max_pixels))
             except (DatasetError, OSError, ValueError) as exc:
                 report.errors.append(str(exc))
                 continue
-            if mask.shape != (height, width):
-                report.errors.append(f"image {image_path} is {height}x{width} (h x w) but its mask {mask_path} is "
-                                     f"{mask.shape[0]}x{mask.shape[1]}")
+            if mask.shape != upright_hw:
+                report.errors.append(size_mismatch(Sample(image_path, mask_path, stem), info, mask.shape, "x"))
                 continue
+            largest = (max(largest[0], upright_hw[0]), max(largest[1], upright_hw[1]))
+            if crop_size is not None and upright_hw[0] >= crop_size[0] and upright_hw[1] >= crop_size[1]:
+                crop_fits = True
             values, counts = np.unique(mask, return_counts=True)
             if lut:
                 values = np.array([lut.get(int(v), int(v)) for v in values])
@@ -155,6 +187,16 @@ def check_dataset(root: str | Path, splits: Sequence[str] = ("train", "val"),
                 f"{split}: value {value} ({part.pixels[value]} pixels) in {len(files)} mask(s) is not a class "
                 f"(0..{meta.num_classes - 1}) nor ignore_index {meta.ignore_index}: {_files(files, mask_dir)}; "
                 "fix \"classes\" / \"ignore_index\" in dataset.json, relabel, or map it with \"label_map\"")
+        if rotated:
+            report.warnings.append(
+                f"{split}: {len(rotated)} image(s) carry an EXIF orientation and are read upright, as "
+                f"MMSegmentation reads them ({_files(rotated, image_dir)}): their masks must be drawn on the "
+                "upright view (as labelme and CVAT show it)")
+        if split == "train" and crop_size is not None and largest != (0, 0) and not crop_fits:
+            report.warnings.append(
+                f"train: the crop {crop_size[0]}x{crop_size[1]} (h x w) is larger than every train image (the "
+                f"largest is {largest[0]}x{largest[1]}): crops are mostly padding unless the ratio resize "
+                "enlarges the images; choose a smaller --crop-size")
         total = part.total()
         ignored = part.pixels.get(meta.ignore_index, 0)
         if total and ignored / total > MOSTLY_IGNORED:
@@ -165,4 +207,12 @@ def check_dataset(root: str | Path, splits: Sequence[str] = ("train", "val"),
             if empty:
                 report.warnings.append(f"train: no pixel of class(es) {', '.join(repr(c) for c in empty)}: the "
                                        "model cannot learn them")
+            labelled = total - part.pixels.get(meta.ignore_index, 0)
+            rare = [(meta.classes[c], 100.0 * part.pixels[c] / labelled) for c in range(meta.num_classes)
+                    if labelled and 0 < part.pixels.get(c, 0) < RARE_CLASS * labelled]
+            if rare:
+                report.warnings.append(
+                    f"train: class(es) {', '.join(f'{name!r} ({share:.3f}%)' for name, share in rare)} cover under "
+                    f"{100 * RARE_CLASS:g}% of the labelled pixels: a model may never predict them; consider "
+                    "isa train --class-weights auto (or --loss ce:1.0 dice:1.0)")
     return report

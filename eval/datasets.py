@@ -4,13 +4,16 @@ API (what ``train`` and ``eval`` code against)
 ----------------------------------------------
 ``dataset[i] -> (image, mask, meta)``
 
-* ``image``: ``tv_tensors.Image``, uint8 RGB, shape (3, H, W), exactly the stored pixels (no resize, no
-  normalization). The file is decoded with Pillow; 0.x decoded with cv2, which for JPEG may differ by a
-  grey level on some pixels (different libjpeg builds).
+* ``image``: ``tv_tensors.Image``, uint8 RGB, shape (3, H, W), the file's pixels turned upright by its EXIF
+  orientation, as MMSegmentation's ``LoadImageFromFile`` (OpenCV ``IMREAD_COLOR``) gives them (no resize, no
+  normalization). Every file is read by :func:`zoo.images.read_image` (the one reader: format by content,
+  the pixel limit ``max_pixels`` from the header, strict PNG, named errors); 0.x decoded with cv2, which
+  for JPEG may differ by a grey level on some pixels (different libjpeg builds).
 * ``mask``: ``tv_tensors.Mask`` (H, W), uint8 (int64 only if ``num_classes - 1`` or ``ignore_index`` exceed
   255). ``reduce_zero_label`` is already applied when the dataset says so (ADE20K), so values are
   0..K−1 or ``ignore_index``; anything else raises :class:`DatasetError` naming the file, the values and
-  their counts. Palette-mode ("P") PNGs read as their indices, like mmseg's ``LoadAnnotations``.
+  their counts. Palette-mode ("P") PNGs read as their indices, like mmseg's ``LoadAnnotations``; masks are
+  never rotated (``LoadAnnotations`` does not apply EXIF) and never lossy (a JPEG mask is refused).
 * ``meta``: ``{"name": relative path without suffix, "image_path": str, "mask_path": str,
   "ori_hw": (H, W)}``.
 
@@ -43,12 +46,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision import tv_tensors
 
 from eval.metrics import reduce_zero_label_
 from zoo.classes import DatasetMeta, dataset_meta, default_palette
-from zoo.images import ImageError, read_image
+from zoo.images import MAX_PIXELS, ImageError, probe, read_image
 
 __all__ = [
     "DatasetError", "Sample", "SegDataset", "CityscapesDataset", "ADE20KDataset", "VOCDataset",
@@ -57,6 +59,9 @@ __all__ = [
 
 DATASET_NAMES = ("cityscapes", "ade20k", "voc", "folder")
 FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+# masks of a folder dataset pair with their image by stem; the first suffix found wins (a JPEG mask is found,
+# then refused by the reader as lossy, rather than reported missing)
+MASK_SUFFIXES = (".png", ".PNG", ".bmp", ".tif", ".tiff", ".webp", ".jpg", ".jpeg", ".JPG", ".JPEG")
 
 
 class DatasetError(ValueError):
@@ -74,19 +79,20 @@ class Sample:
 
 # ---------------------------------------------------------------------------------------------- file readers
 
-def read_mask(path: str | Path, palette: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-    """Decode a label PNG to an integer array (H, W) of class indices, as stored.
+def read_mask(path: str | Path, palette: Sequence[Sequence[int]] | None = None,
+              max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+    """Decode a label file to an integer array (H, W) of class indices, as stored (not rotated), through
+    :func:`zoo.images.read_image` (``kind="mask"``: lossless files only, the pixel limit, strict PNG).
 
     "P" (palette) PNGs give their indices; "L"/"I"/"1" give their values. Colour (RGB/RGBA) masks need
     ``palette`` (index i ↔ colour palette[i]); a colour outside it raises :class:`DatasetError`.
     """
     path = Path(path)
     try:
-        with Image.open(path) as pil:
-            mode = pil.mode
-            array = np.asarray(pil)
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"cannot read mask {path}: {err}") from err
+        array = read_image(path, "mask", max_pixels=max_pixels)
+    except ImageError as err:
+        raise DatasetError(str(err)) from err
+    mode = {3: "RGB", 4: "RGBA"}.get(array.shape[2], "?") if array.ndim == 3 else "L"
     if array.ndim == 2:
         return array.astype(np.int64) if array.dtype == bool else array
     if mode in ("RGB", "RGBA") and array.ndim == 3:
@@ -130,7 +136,8 @@ class SegDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples: Sequence[Sample], meta: DatasetMeta, *,
                  transforms: Callable[[Any, Any], tuple[Any, Any]] | None = None,
-                 mask_palette: Sequence[Sequence[int]] | None = None, description: str = "") -> None:
+                 mask_palette: Sequence[Sequence[int]] | None = None, description: str = "",
+                 max_pixels: int | None = MAX_PIXELS) -> None:
         if not samples:
             raise DatasetError(f"{description or 'dataset'}: the split is empty (no image files found); "
                                "check --data-root and --split")
@@ -139,6 +146,7 @@ class SegDataset(torch.utils.data.Dataset):
         self.transforms = transforms
         self.mask_palette = mask_palette
         self.description = description
+        self.max_pixels = max_pixels  # images and masks alike (zoo.images.read_image); 0 or None: no limit
         wide = max(meta.num_classes - 1, meta.ignore_index) > 255 or meta.ignore_index < 0
         self.mask_dtype = torch.int64 if wide else torch.uint8
 
@@ -158,7 +166,7 @@ class SegDataset(torch.utils.data.Dataset):
     def load_mask(self, index: int) -> torch.Tensor:
         """The checked label map (H, W) of sample ``index`` (reduce_zero_label applied), as a plain tensor."""
         sample = self.samples[index]
-        raw = torch.from_numpy(np.ascontiguousarray(read_mask(sample.mask_path, self.mask_palette)).astype(np.int64))
+        raw = torch.from_numpy(np.ascontiguousarray(read_mask(sample.mask_path, self.mask_palette, self.max_pixels)).astype(np.int64))
         if self.meta.label_map:
             mapped = raw.clone()
             for stored, index in self.meta.label_map:
@@ -186,13 +194,12 @@ class SegDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Any, Any, dict[str, Any]]:
         sample = self.samples[index]
         try:
-            image = read_image(sample.image_path)
+            image = read_image(sample.image_path, "image", self.max_pixels)
         except ImageError as err:
             raise DatasetError(str(err)) from err
         mask = self.load_mask(index)
         if tuple(image.shape[-2:]) != tuple(mask.shape):
-            raise DatasetError(f"image {sample.image_path} is {image.shape[-2]}×{image.shape[-1]} (h×w) but its "
-                               f"mask {sample.mask_path} is {mask.shape[0]}×{mask.shape[1]}; they must match")
+            raise DatasetError(size_mismatch(sample, probe(sample.image_path, self.max_pixels), tuple(mask.shape)))
         meta = {"name": sample.name, "image_path": str(sample.image_path), "mask_path": str(sample.mask_path),
                 "ori_hw": (int(image.shape[-2]), int(image.shape[-1]))}
         out_image, out_mask = tv_tensors.Image(image), tv_tensors.Mask(mask)
@@ -204,11 +211,28 @@ class SegDataset(torch.utils.data.Dataset):
         """Read every mask (or the first ``limit``) and compare sizes from the image headers; raise on bad data."""
         for index, sample in enumerate(self.samples[:limit]):
             mask = self.load_mask(index)
-            with Image.open(sample.image_path) as pil:
-                w, h = pil.size
-            if (h, w) != tuple(mask.shape):
-                raise DatasetError(f"image {sample.image_path} is {h}×{w} (h×w) but its mask {sample.mask_path} "
-                                   f"is {mask.shape[0]}×{mask.shape[1]}; they must match")
+            try:
+                info = probe(sample.image_path, self.max_pixels)
+            except ImageError as err:
+                raise DatasetError(str(err)) from err
+            if info.upright_hw != tuple(mask.shape):
+                raise DatasetError(size_mismatch(sample, info, tuple(mask.shape)))
+
+
+def size_mismatch(sample: Sample, info: Any, mask_hw: tuple[int, ...], x: str = "×") -> str:
+    """The message for an image whose upright size (`zoo.images.ImageInfo`) is not its mask's, naming the EXIF
+    orientation where the mask fits the stored pixels instead (a mask drawn on the unrotated photo)."""
+    up, stored = info.upright_hw, (info.height, info.width)
+    text = (f"image {sample.image_path} is {up[0]}{x}{up[1]} (h{x}w, upright) but its mask {sample.mask_path} is "
+            f"{mask_hw[0]}{x}{mask_hw[1]}; they must match")
+    if info.orientation != 1:
+        text += (f". The image is stored {stored[0]}{x}{stored[1]} with EXIF orientation {info.orientation}: images are "
+                 "read upright (as MMSegmentation's LoadImageFromFile does), masks as stored")
+        if tuple(mask_hw) == stored:
+            text += ("; this mask fits the stored pixels, so it was drawn on the unrotated photo: rotate the mask "
+                     "the same way (PIL.ImageOps.exif_transpose of the photo shows how), or save the photo upright "
+                     "without its orientation tag")
+    return text
 
 
 def list_files(folder: Path, suffixes: str | Sequence[str]) -> list[str]:
@@ -247,12 +271,15 @@ def _require_dir(path: Path, what: str) -> Path:
 
 
 def _pair(image_dir: Path, mask_dir: Path, rel_images: Sequence[str], image_suffix: str | None,
-          mask_suffix: str, hint: str = "") -> list[Sample]:
-    """Samples for relative image paths; the mask path swaps the image suffix for ``mask_suffix`` (mmseg rule)."""
+          mask_suffix: str | Sequence[str], hint: str = "") -> list[Sample]:
+    """Samples for relative image paths; the mask path swaps the image suffix for ``mask_suffix`` (mmseg rule),
+    or for the first of several suffixes whose file exists."""
     samples, missing = [], []
+    suffixes = (mask_suffix,) if isinstance(mask_suffix, str) else tuple(mask_suffix)
     for rel in rel_images:
         stem = rel[: -len(image_suffix)] if image_suffix and rel.endswith(image_suffix) else rel.rsplit(".", 1)[0]
-        mask_path = mask_dir / f"{stem}{mask_suffix}"
+        mask_path = next((p for p in (mask_dir / f"{stem}{x}" for x in suffixes) if p.is_file()),
+                         mask_dir / f"{stem}{suffixes[0]}")
         if not mask_path.is_file():
             missing.append((image_dir / rel, mask_path))
             continue
@@ -374,7 +401,7 @@ class FolderDataset(SegDataset):
                 raise DatasetError(f"folder dataset: {image_dir / stems[stem]} and {image_dir / r} would share the "
                                    f"mask {mask_dir / (stem + '.png')}; rename one of them")
             stems[stem] = r
-        samples = _pair(image_dir, mask_dir, rel, None, ".png")
+        samples = _pair(image_dir, mask_dir, rel, None, MASK_SUFFIXES)
         # Colour masks map through the palette only when the user wrote one (a generated one means nothing).
         palette = meta.palette if palette_given else None
         super().__init__(samples, meta, mask_palette=palette, description=f"folder:{root}:{split}", **kwargs)

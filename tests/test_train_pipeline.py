@@ -271,14 +271,15 @@ def test_train_set_fast_path_keeps_the_readers_named_errors(tmp_path, backend):
     reader = _write_cityscapes(tmp_path, [(40, 60), (40, 60)])
     ts = TrainSet(reader, P.RecipePipeline((32, 32), (60, 40)))
     reader.samples[0].image_path.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    with pytest.raises(DatasetError, match="cannot read image"):
+    with pytest.raises(DatasetError, match="corrupt PNG .*c_0_leftImg8bit.png"):
         ts[(0, 1)]
     Image.fromarray(np.zeros((41, 60), np.uint8)).save(reader.samples[1].mask_path)
     with pytest.raises(DatasetError, match="they must match"):
         ts[(1, 1)]
 
 
-def test_decode_image_fast_reads_rgb_png_and_jpeg_and_declines_the_rest(tmp_path):
+def test_decode_image_fast_reads_jpeg_and_declines_the_rest(tmp_path):
+    """torchvision's PNG decoder is not used (it can crash on a corrupt file): PNGs go to PngRows or the reader."""
     from zoo.images import read_image
 
     rgb = _image(20, 30, 2).permute(1, 2, 0).numpy()
@@ -286,7 +287,6 @@ def test_decode_image_fast_reads_rgb_png_and_jpeg_and_declines_the_rest(tmp_path
     Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=85)
     Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
     Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
-    for name in ("a.png", "a.jpg"):
-        assert torch.equal(decode_image_fast(tmp_path / name), read_image(tmp_path / name))
-    for name in ("grey.png", "palette.png", "missing.png"):
+    assert torch.equal(decode_image_fast(tmp_path / "a.jpg"), read_image(tmp_path / "a.jpg"))
+    for name in ("a.png", "grey.png", "palette.png"):
         assert decode_image_fast(tmp_path / name) is None

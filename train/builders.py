@@ -39,7 +39,7 @@ def check_folder_data(cfg: TrainConfig) -> None:
     from eval.datasets import DatasetError
 
     splits = [cfg.train_split] + ([cfg.val_split] if cfg.val_split else [])
-    report = check_dataset(cfg.data_root, splits, cfg.num_classes)
+    report = check_dataset(cfg.data_root, splits, cfg.num_classes, crop_size=cfg.crop_size)
     if not report.ok:
         raise DatasetError(f"the data checks found problems (--no-check-data skips them):\n{report.format()}")
     log.info("data checks:\n%s", report.format())

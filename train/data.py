@@ -22,13 +22,12 @@ import functools
 import signal
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
-from eval.datasets import read_mask
+from zoo.images import MAX_PIXELS
 
-from .decode import PngRows, open_image
+from .decode import PngRows, open_image, open_mask
 from .pipeline import Labels, RecipePipeline
 
 IGNORE_INDEX = 255
@@ -105,11 +104,11 @@ class TrainSet(Dataset):
     """Wraps an `eval.datasets` reader: `[(index, seed)] -> (image, label)` through `transforms`.
 
     With a `train.pipeline.RecipePipeline` (what training uses) the files are opened for the pipeline to
-    decode as far as it reads (`train.decode.open_image`: RGB PNGs as `PngRows`, JPEGs decoded whole),
-    the stored mask values go through the reader's own mapping as a 256-entry table, and the sample is
-    `(uint8 (3, h, w), int16 (h, w))` to be finished by `normalize_batch` on the device. Any file this
-    path declines, or a value the reader would refuse, goes through the reader itself (Pillow, and its
-    named errors). With the reference v2 pipeline (`build_train_transforms`) the sample is
+    decode as far as it reads (`train.decode.open_image` / `open_mask`, after the reader's header checks:
+    RGB PNGs as `PngRows`, JPEGs decoded whole and turned upright), the stored mask values go through the
+    reader's own mapping as a 256-entry table, and the sample is `(uint8 (3, h, w), int16 (h, w))` to be
+    finished by `normalize_batch` on the device. Any file this path declines or refuses, or a value the
+    reader would refuse, goes through the reader itself (`zoo.images.read_image`, and its named errors). With the reference v2 pipeline (`build_train_transforms`) the sample is
     `(float (3, h, w), int64 (h, w))`, as the reader returns it.
 
     The transform runs under `torch.random.fork_rng` seeded with the sample's seed, so it neither
@@ -138,7 +137,7 @@ class TrainSet(Dataset):
         if not (hasattr(base, "load_mask") and hasattr(base, "samples")):
             return None
         sample = base.samples[index]
-        image = open_image(sample.image_path)
+        image = open_image(sample.image_path, self._max_pixels())
         if image is None:
             return None
         labels = self._labels(index)
@@ -155,29 +154,30 @@ class TrainSet(Dataset):
                 mask = mask.masked_fill(mask == self.ignore_index, IGNORE_INDEX)
             return Labels(mask.to(torch.uint8))  # values < 256: classes <= 255, ignore 255
         lut, valid = _label_table(bool(base.reduce_zero_label), self.ignore_index, int(base.num_classes))
-        path = base.samples[index].mask_path
-        stored = PngRows.open(path, colour_types=(0, 3))
-        if stored is None:
-            raw = read_mask(path)
-            if raw.dtype != np.uint8 or raw.ndim != 2:
-                return None
-            stored = torch.from_numpy(np.array(raw))  # (Pillow's array is read-only)
-        return Labels(stored, lut, valid)
+        stored = open_mask(base.samples[index].mask_path, self._max_pixels())
+        return None if stored is None else Labels(stored, lut, valid)
+
+    def _max_pixels(self) -> Optional[int]:
+        return getattr(self.base, "max_pixels", MAX_PIXELS)
 
     def __getitem__(self, key: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
         index, seed = key
-        sources = self._sources(index) if self.fast else None
-        if sources is not None:
+        if self.fast:
             try:
-                return self._transform(seed, *sources)
-            except ValueError:  # InvalidLabels too
-                pass  # a corrupt stream or a refused value: the reader below names it
-        image, mask, _meta = self.base[index]
+                sources = self._sources(index)
+                if sources is not None:
+                    return self._transform(seed, *sources)
+            except ValueError:  # ImageError, InvalidLabels, a corrupt stream: the reader below names it
+                pass
+        image, mask, meta = self.base[index]
         if self.ignore_index != IGNORE_INDEX:
             mask = mask.masked_fill(mask == self.ignore_index, IGNORE_INDEX)
         if self.fast and mask.dtype != torch.uint8:
             mask = mask.to(torch.uint8)  # values are now < 256 (classes <= 255, ignore 255)
-        image, label = self._transform(seed, image, mask)
+        try:
+            image, label = self._transform(seed, image, mask)
+        except ValueError as err:  # e.g. a resize to a side of 0: name the file
+            raise ValueError(f"{meta.get('image_path', f'sample {index}')}: {err}") from err
         return image, (label if self.fast else label.to(torch.int64))
 
     def _transform(self, seed: int, image: Any, mask: Any) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -97,7 +97,16 @@ class RandomRescale(_Transform):
         lo, hi = self.ratio_range
         ratio = torch.rand((), dtype=torch.float64).item() * (hi - lo) + lo  # numpy random_sample rule
         target_wh = (int(self.img_scale_wh[0] * ratio), int(self.img_scale_wh[1] * ratio))
-        return {"ratio": ratio, "size_hw": rescale_size((h, w), target_wh)}
+        if min(h, w) <= 0 or min(target_wh) <= 0:
+            raise ValueError(f"cannot rescale an image of {h}x{w} (h x w) to the scale {self.img_scale_wh} (w, h) "
+                             f"times ratio {ratio:.4g} (ratio range {self.ratio_range}): a side would be 0")
+        size_hw = rescale_size((h, w), target_wh)
+        if min(size_hw) < 1:
+            raise ValueError(f"an image of {h}x{w} (h x w) rescaled to the scale {self.img_scale_wh} (w, h) times "
+                             f"ratio {ratio:.4g} (ratio range {self.ratio_range}) would be {size_hw[0]}x{size_hw[1]}: "
+                             "a side of 0. Its aspect ratio is too extreme for this scale; crop or pad the image, "
+                             "or leave it out")
+        return {"ratio": ratio, "size_hw": size_hw}
 
     def transform(self, inpt: Any, params: Dict[str, Any]) -> Any:
         size = list(params["size_hw"])

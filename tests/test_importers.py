@@ -337,3 +337,18 @@ def test_hf_dataset_saved_to_disk(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out/images/train/000002.png")),
                                   np.asarray(images[2]))
     assert FolderDataset(tmp_path / "out", "val").classes == ("bg", "a", "b")
+
+
+def test_an_imported_dataset_fine_tunes_with_isa_train_and_no_other_step(coco, tmp_path, free_disk):
+    from zoo.reader import read_metadata
+
+    ann, images = coco
+    out = tmp_path / "out"
+    assert main(["import", "coco", str(ann), str(images), "--out", str(out), "--val-fraction", "0.34"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--model", "isanet_r50-d8_512x512_20k_voc12aug", "--data", str(out), "--weights", "none",
+                 "--iters", "2", "--crop-size", "32", "32", "--batch-size", "2", "--device", "cpu", "--threads", "1",
+                 "--eval-interval", "2", "--checkpoint-interval", "2", "--workers", "0", "--no-progress",
+                 "--work-dir", str(run)]) == 0
+    meta = read_metadata(run / "model.safetensors")
+    assert json.loads(meta["classes"]) == ["background", "person", "car", "dog"]

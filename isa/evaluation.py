@@ -56,7 +56,22 @@ def add_parsers(subparsers: Any) -> None:
                    help="write each prediction as a palette PNG here")
     p.add_argument("--max-images", type=int, metavar="N", help="evaluate only the first N images")
     p.add_argument("--workers", "--num-workers", dest="workers", type=int, default=2,
-                   help="DataLoader workers decoding images [2]")
+                   help="DataLoader workers decoding the next images while the network runs [2]")
+    p.add_argument("--batch-size", type=int, default=4, metavar="N",
+                   help="images of the same size per forward pass; in slide mode also windows per pass "
+                        "(same labels as 1) [4]")
+    p.add_argument("--metrics", nargs="+", default=["mIoU"], choices=("mIoU", "mDice", "mFscore"),
+                   help="MMSegmentation's IoUMetric groups: mIoU (IoU, Acc), mDice (Dice, Acc), mFscore "
+                        "(Fscore, Precision, Recall); fwIoU and class shares always [mIoU]")
+    p.add_argument("--beta", type=float, default=1.0, help="F-score's weight of recall (mFscore) [1]")
+    p.add_argument("--nan-to-num", type=float, default=None, metavar="V",
+                   help="count classes without pixels as V in the means, as MMSegmentation's nan_to_num "
+                        "[off: they are left out]")
+    p.add_argument("--save-errors", type=int, default=0, metavar="N",
+                   help="write the N images of lowest mIoU as pictures (image | ground truth | prediction | "
+                        "errors, with a legend) to --errors-dir")
+    p.add_argument("--errors-dir", type=Path, metavar="DIR",
+                   help="folder for --save-errors pictures [errors/ beside --out]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_eval)
 
@@ -141,9 +156,31 @@ def _dataset(args: argparse.Namespace, meta: Any):
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """`isa eval`: build the model and dataset, evaluate, print the table, write JSON / PNGs."""
+    """`isa eval`: build the model and dataset, evaluate, print the table, write JSON / CSV / PNGs.
+
+    Under torchrun (`torchrun --nproc_per_node=G -m isa eval ...`) every rank evaluates its share of the
+    images; the metric is summed over ranks and rank 0 prints and writes the results.
+    """
+    from train.distributed import cleanup, setup
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    if args.save_errors < 0:
+        raise UsageError(f"--save-errors takes a count of images ≥ 0, got {args.save_errors}")
+    if args.save_errors and args.errors_dir is None and args.out is None:
+        raise UsageError("--save-errors N needs a folder: --errors-dir DIR (or --out FILE: errors/ beside it)")
+    ctx = setup(args.device)
+    if ctx.distributed:
+        args.device = str(ctx.device)  # this rank's device (LOCAL_RANK's GPU under torchrun)
+    try:
+        return _run_eval(args, ctx.is_main)
+    finally:
+        cleanup(ctx)
+
+
+def _run_eval(args: argparse.Namespace, is_main: bool) -> int:
     from eval.evaluate import evaluate
-    from eval.report import format_table, write_json_atomic
+    from eval.report import format_confused
 
     if _random_init(args):  # a smoke test: a random model with the dataset's classes
         from zoo import ModelMeta, get_config
@@ -156,26 +193,37 @@ def run_eval(args: argparse.Namespace) -> int:
         segmenter = segmenter_from_args(args)
         name, root, dataset = _dataset(args, segmenter.meta)
     config, settings = segmenter.meta.config, segmenter.settings
-    print(f"evaluating {segmenter.meta.variant} on {dataset!r}: {settings.mode}, scale {settings.scale_wh}, "
-          f"{'ms+flip' if args.tta else 'single scale'}, {str(segmenter.dtype).replace('torch.', '')}, "
-          f"{segmenter.device}")
-    result = evaluate(segmenter, dataset, tta=args.tta, max_images=args.max_images, num_workers=args.workers,
-                      save_preds=args.out_dir, progress=not args.no_progress)
-    print(format_table(result, dataset.classes))
+    say = print if is_main else (lambda *a, **k: None)
+    say(f"evaluating {segmenter.meta.variant} on {dataset!r}: {settings.mode}, scale {settings.scale_wh}, "
+        f"{'ms+flip' if args.tta else 'single scale'}, {str(segmenter.dtype).replace('torch.', '')}, "
+        f"{segmenter.device}")
+    errors_dir = args.errors_dir or (args.out.parent / "errors" if args.out is not None else None)
+    report = evaluate(segmenter, dataset, tta=args.tta, max_images=args.max_images, num_workers=args.workers,
+                      batch_size=args.batch_size, metrics=args.metrics, beta=args.beta, nan_to_num=args.nan_to_num,
+                      save_preds=args.out_dir, save_errors=args.save_errors, errors_dir=errors_dir,
+                      progress=not args.no_progress)
+    if not is_main:
+        return 0
+    print(report.format_table())
+    print("most confused (label -> prediction):")
+    print(format_confused(report.top_confused(10)))
     published: Optional[float] = config.mIoU_ms_flip if args.tta else config.mIoU
     full_run = (name == config.dataset and args.split == "val" and args.max_images is None
                 and tuple(settings.scale_wh) == tuple(config.test_img_scale_wh))
     if full_run:
         print(f"published ({'ms+flip' if args.tta else 'single scale'}): mIoU {published:.2f}")
     if args.out is not None:
-        write_json_atomic(args.out, {
+        # the device type, not this rank's index: one process and torchrun write the same file
+        paths = report.write(args.out, {
             "model": segmenter.meta.variant, "weights": str(args.weights), "dataset": name, "data_root": str(root),
-            "split": args.split, "device": str(segmenter.device), **result,
+            "split": args.split, "device": segmenter.device.type,
             "published_mIoU": published if full_run else None,
         })
-        print(f"wrote {args.out}")
+        print(f"wrote {', '.join(str(p) for p in paths)}")
     if args.out_dir is not None:
-        print(f"wrote {result['num_images']} predictions to {args.out_dir}/")
+        print(f"wrote {report['num_images']} predictions to {args.out_dir}/")
+    if report.error_pictures:
+        print(f"wrote {len(report.error_pictures)} error pictures to {errors_dir}/ (worst first)")
     return 0
 
 

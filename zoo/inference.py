@@ -71,24 +71,33 @@ def slide_windows(h: int, w: int, crop_hw: Sequence[int], stride_hw: Sequence[in
 
 
 def slide_inference(fn: LogitsFn, x: torch.Tensor, crop_hw: Sequence[int], stride_hw: Sequence[int],
-                    align_corners: bool = False) -> torch.Tensor:
+                    align_corners: bool = False, window_batch: int = 1) -> torch.Tensor:
     """Average of the window logits on a zero canvas (spec §3.2); returns (N, K, H, W).
 
     `fn` returns logits at its input size (e.g. `ISANet.encode_decode`); a lower-resolution output is
-    resized to the window with `align_corners`.
+    resized to the window with `align_corners`. Every window of an image has the same size
+    (min(crop, image) per side), so up to `window_batch` images' worth of windows run through `fn` as one
+    batch (at least one window per image of `x`); the canvas adds them in MMSeg's window order.
     """
     n, _, h, w = x.shape
     canvas = None
     count = x.new_zeros((1, 1, h, w))
-    for y1, y2, x1, x2 in slide_windows(h, w, crop_hw, stride_hw):
-        logits = fn(x[:, :, y1:y2, x1:x2])
-        if logits.shape[2:] != (y2 - y1, x2 - x1):
-            logits = F.interpolate(logits, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=align_corners)
-        if canvas is None:
-            canvas = logits.new_zeros((n, logits.shape[1], h, w))
-        # MMSeg pads each window's logits into the full canvas; adding in place is the same sum
-        canvas[:, :, y1:y2, x1:x2] += logits
-        count[:, :, y1:y2, x1:x2] += 1
+    boxes = slide_windows(h, w, crop_hw, stride_hw)
+    step = max(1, int(window_batch) // max(1, n))
+    for start in range(0, len(boxes), step):
+        chunk = boxes[start:start + step]
+        crops = [x[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk]
+        out = fn(crops[0] if len(crops) == 1 else torch.cat(crops))
+        for j, (y1, y2, x1, x2) in enumerate(chunk):
+            logits = out[j * n:(j + 1) * n]
+            if logits.shape[2:] != (y2 - y1, x2 - x1):
+                logits = F.interpolate(logits, size=(y2 - y1, x2 - x1), mode="bilinear",
+                                       align_corners=align_corners)
+            if canvas is None:
+                canvas = logits.new_zeros((n, logits.shape[1], h, w))
+            # MMSeg pads each window's logits into the full canvas; adding in place is the same sum
+            canvas[:, :, y1:y2, x1:x2] += logits
+            count[:, :, y1:y2, x1:x2] += 1
     return canvas / count.to(canvas.dtype)
 
 
@@ -150,10 +159,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model
 
 
-def network_logits(model: Union[torch.nn.Module, LogitsFn], x: torch.Tensor, settings: TestSettings) -> torch.Tensor:
-    """Logits at x's size of a normalised batch, whole image or sliding windows as `settings` say."""
+def network_logits(model: Union[torch.nn.Module, LogitsFn], x: torch.Tensor, settings: TestSettings,
+                   window_batch: int = 1) -> torch.Tensor:
+    """Logits at x's size of a normalised batch, whole image or sliding windows as `settings` say
+    (`window_batch`: windows per forward pass, see `slide_inference`)."""
     if settings.mode == "slide":
-        return slide_inference(model, x, settings.crop_hw, settings.stride_hw, settings.align_corners)
+        return slide_inference(model, x, settings.crop_hw, settings.stride_hw, settings.align_corners,
+                               window_batch=window_batch)
     return model(x)
 
 
@@ -179,9 +191,10 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 
 def view_logits(model: torch.nn.Module, images: torch.Tensor, settings: TestSettings, *, tta: bool = False,
-                dtype: torch.dtype = torch.float32) -> List[Tuple[torch.Tensor, bool]]:
+                dtype: torch.dtype = torch.float32, window_batch: int = 1) -> List[Tuple[torch.Tensor, bool]]:
     """[(float32 logits (N, K, h, w) at the view's size, flipped)] of a uint8 batch (N, 3, H, W) on the
-    model's device, one entry per view of `view_plan`; the network runs under autocast to `dtype`."""
+    model's device, one entry per view of `view_plan`; the network runs under autocast to `dtype`
+    (slide mode: `window_batch` windows per forward pass)."""
     out = []
     memory_format = torch.channels_last if _is_channels_last(model) else torch.contiguous_format
     for size_hw, flip in view_plan(images.shape[-2:], settings, tta):
@@ -190,7 +203,7 @@ def view_logits(model: torch.nn.Module, images: torch.Tensor, settings: TestSett
             x = x.flip(-1)
         x = x.contiguous(memory_format=memory_format)
         with autocast(images.device, dtype):
-            logits = network_logits(model, x, settings)
+            logits = network_logits(model, x, settings, window_batch)
         out.append((logits.float().contiguous(memory_format=torch.channels_last), flip))  # what class_maps reads
     return out
 

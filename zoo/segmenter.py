@@ -46,11 +46,13 @@ class Segmenter:
 
     Args:
         model: a variant name, an `ISANet`, or None when `weights` is a self-describing file.
-        weights: None (random init), "auto" (published), or a .safetensors/.pth file.
+        weights: None (random init), "auto" (published), a .safetensors/.pth file, or
+            "hf-hub:OWNER/REPO[@REV]" (a Hugging Face model repo, e.g. one `isa push` wrote).
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
         dtype: "auto" (bf16 on GPUs with native bf16, else float32), or "float32", "bfloat16", "float16".
         scale_wh: replace the test scale (W, H) of the weights' test pipeline.
-        batch_size: how many same-size images run through the network together.
+        batch_size: how many same-size images run through the network together (in slide mode, how many
+            windows of an image).
         max_pixels: refuse larger images (Pillow's decompression-bomb limit by default; 0: none).
         num_classes: another class count than the weights' (their classifiers are then re-initialised).
         runtime: "torch", or "onnxruntime" to run an exported .onnx file (`weights`; `isa export`) on the
@@ -108,7 +110,8 @@ class Segmenter:
         for indices in self._batches(tensors):
             batch = (tensors[indices[0]].unsqueeze(0) if len(indices) == 1 else
                      torch.stack([tensors[i] for i in indices])).to(self.device)
-            views = view_logits(self.model, batch, self.settings, tta=tta, dtype=self.dtype)
+            views = view_logits(self.model, batch, self.settings, tta=tta, dtype=self.dtype,
+                                window_batch=self.batch_size)  # slide mode: windows per forward pass
             maps = class_maps(views, batch.shape[-2:], self.settings.align_corners, probs=probs).cpu()
             for j, i in enumerate(indices):
                 results[i] = maps[j]

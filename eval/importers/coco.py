@@ -16,8 +16,8 @@ Rules (what the masks mean):
   any other ``train``; ``split=`` names it; ``val_fraction`` with ``seed`` splits one file's images instead.
 
 A polygon with fewer than 3 points, an RLE whose size or run lengths do not match its image, an unknown
-category or image id and a missing image file are refused, named with the file and the id (or skipped
-with ``skip_invalid=True``). RLE run lengths are checked before ``pycocotools`` decodes them (its decoder
+category or image id and a missing or undecodable image file are refused, named with the file and the
+id; ``skip_invalid=True`` leaves such images out whole (each is printed) instead. RLE run lengths are checked before ``pycocotools`` decodes them (its decoder
 trusts them). Needs the optional extra ``coco`` (``pip install 'isa-triton[coco]'``).
 
 >>> report = import_coco("annotations/instances_train.json", "images", "my_data")   # doctest: +SKIP
@@ -193,7 +193,7 @@ def import_coco(annotations: PathLike | Sequence[PathLike], images: PathLike | S
     _mask_utils()  # the missing extra is reported before any work
 
     errors: list[str] = []
-    plan = []  # (split, name, image path, height, width, instances, where)
+    plan = []  # [split, name, image path, height, width, annotations, where, COCO file, image entry]
     for path, image_dir, data in files:
         by_image: dict[int, list[dict[str, Any]]] = {}
         known = {im.get("id") for im in data["images"] if isinstance(im, dict)}
@@ -221,8 +221,24 @@ def import_coco(annotations: PathLike | Sequence[PathLike], images: PathLike | S
             if not file_path.is_file():
                 errors.append(f"{where}: image file not found at {file_path}")
                 continue
+            anns = by_image.get(im["id"], [])
+            if not anns and empty == "skip":
+                continue
+            name = Path(im["file_name"]).with_suffix("").as_posix()
+            plan.append([split or split_of(path), name, file_path, h, w, anns, where, path, im])
+    if not skip_invalid:
+        raise_if(errors, "COCO import", skip_invalid)  # before any decoding: missing files, unknown ids
+    if val_fraction is not None:
+        assign = split_names([p[1] for p in plan], val_fraction, seed)
+        for p in plan:
+            p[0] = assign[p[1]]
+    source = {"format": "coco", "annotations": [str(a) for a in ann_files], "images": [str(d) for d in image_dirs],
+              "split": split, "val_fraction": val_fraction, "seed": seed, "background": background, "empty": empty}
+    # one image at a time (decoded, composed, written): memory does not grow with the dataset
+    with LayoutWriter(out, source) as writer:
+        for split_name, name, file_path, h, w, anns, where, path, im in plan:
             instances, bad = [], 0
-            for ann in by_image.get(im["id"], []):
+            for ann in anns:
                 a_where = f"{path}: annotation id {ann.get('id')} (image id {im['id']}, {im['file_name']})"
                 problem = None
                 if not isinstance(ann.get("id"), int) or isinstance(ann.get("id"), bool):
@@ -239,20 +255,11 @@ def import_coco(annotations: PathLike | Sequence[PathLike], images: PathLike | S
                     bad += 1
                     continue
                 instances.append((ann["id"], class_of[ann["category_id"]], bool(ann.get("iscrowd", 0)), m))
-            if bad:  # skipped whole: an image with an instance left out would teach background there
+            if bad:  # left out whole: an image with an instance missing would teach background there
                 continue
-            if not instances and empty == "skip":
-                continue
-            name = Path(im["file_name"]).with_suffix("").as_posix().lstrip("/")
-            plan.append([split or split_of(path), name, file_path, h, w, instances, where])
-    raise_if(errors, "COCO import", skip_invalid)
-    if val_fraction is not None:
-        assign = split_names([p[1] for p in plan], val_fraction, seed)
-        for p in plan:
-            p[0] = assign[p[1]]
-    source = {"format": "coco", "annotations": [str(a) for a in ann_files], "images": [str(d) for d in image_dirs],
-              "split": split, "val_fraction": val_fraction, "seed": seed, "background": background, "empty": empty}
-    with LayoutWriter(out, source) as writer:
-        for split_name, name, file_path, h, w, instances, where in plan:
-            writer.add(split_name, name, file_path, compose(instances, (h, w), bg_value), where, palette)
+            try:
+                writer.add(split_name, name, file_path, compose(instances, (h, w), bg_value), where, palette)
+            except ImportDataError as err:
+                errors.append(str(err))
+        raise_if(errors, "COCO import", skip_invalid)
         return writer.finish(classes, palette, IGNORE)

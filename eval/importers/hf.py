@@ -97,49 +97,44 @@ def import_rows(splits: Mapping[str, Iterable[Mapping[str, Any]]], out: PathLike
     """Import rows (mappings with an image and a mask column) per split name into ``out`` (module rules)."""
     names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else \
         (list(classes) if classes is not None else None)
-    errors: list[str] = []
-    plan = []
-    largest = -1
-    for split, rows in splits.items():
-        target = SPLIT_NAMES.get(split.lower(), split)
-        for index, row in enumerate(rows):
-            where = f"split {split!r} row {index}"
-            try:
-                if image_column not in row or mask_column not in row:
-                    raise ValueError(f"{where}: no column {image_column!r} / {mask_column!r} (columns: "
-                                     f"{sorted(row)}); name them with --image-column / --mask-column")
-                image = _image_bytes(row[image_column], where)
-                mask = _mask_array(row[mask_column], where)
-            except (ValueError, OSError) as err:
-                errors.append(str(err))
-                continue
-            values = set(np.unique(mask).tolist()) - {IGNORE}
-            largest = max([largest, *values])
-            plan.append([target, f"{index:06d}", image, mask, where, values])
-    k = len(names) if names is not None else max(largest + (0 if reduce_zero_label else 1), 1)
-    top = k if reduce_zero_label else k - 1  # the largest stored value that is a class
-    for item in plan:
-        outside = sorted(v for v in item[5] if v > top)
-        if outside:
-            errors.append(f"{item[4]}: mask values {outside[:10]} are not classes (0..{top}) nor {IGNORE}; "
-                          "give all class names with --classes")
-    raise_if(errors, "hf import", skip_invalid)
-    bad = {e.split(":")[0] for e in errors}
-    plan = [p for p in plan if p[4] not in bad]
-    classes_out = names if names is not None else [f"class_{i + (1 if reduce_zero_label else 0)}" for i in range(k)]
-    palette = default_palette(len(classes_out))
+    top = None if names is None else (len(names) if reduce_zero_label else len(names) - 1)  # largest class value
     if val_fraction:
-        if len({p[0] for p in plan}) != 1:
+        if len(splits) != 1:
             raise ValueError("--val-fraction divides a dataset with one split; this one has several")
-        assign = split_names([p[1] for p in plan], val_fraction, seed)
-        for p in plan:
-            p[0] = assign[p[1]]
+        only = next(iter(splits.values()))
+        assign = split_names([f"{i:06d}" for i in range(len(only))], val_fraction, seed)  # type: ignore[arg-type]
+    errors: list[str] = []
+    largest = -1
+    # one row at a time (read, checked, written): memory does not grow with the dataset
     with LayoutWriter(out, source or {"format": "rows"}) as writer:
-        for split, name, image, mask, where, _ in plan:
-            if reduce_zero_label:  # written reduced: the folder's masks are class indices as they are
-                mask = np.where(mask == 0, IGNORE, np.where(mask == IGNORE, IGNORE, mask - 1)).astype(np.uint8)
-            writer.add(split, name, image, mask, where, palette)
-        return writer.finish(classes_out, palette, IGNORE)
+        for split, rows in splits.items():
+            target = SPLIT_NAMES.get(split.lower(), split)
+            for index, row in enumerate(rows):
+                where = f"split {split!r} row {index}"
+                name = f"{index:06d}"
+                try:
+                    if image_column not in row or mask_column not in row:
+                        raise ValueError(f"{where}: no column {image_column!r} / {mask_column!r} (columns: "
+                                         f"{sorted(row)}); name them with --image-column / --mask-column")
+                    image = _image_bytes(row[image_column], where)
+                    mask = _mask_array(row[mask_column], where)
+                    values = set(np.unique(mask).tolist()) - {IGNORE}
+                    outside = sorted(v for v in values if top is not None and v > top)
+                    if outside:
+                        raise ValueError(f"{where}: mask values {outside[:10]} are not classes (0..{top}) nor "
+                                         f"{IGNORE}; give all class names with --classes")
+                    if reduce_zero_label:  # written reduced: the folder's masks are class indices as they are
+                        mask = np.where(mask == 0, IGNORE, np.where(mask == IGNORE, IGNORE, mask - 1)).astype(np.uint8)
+                    # the PNG palette only makes masks viewable; the VOC colour map's first K colours are the K-class one
+                    writer.add(assign[name] if val_fraction else target, name, image, mask, where, default_palette(255))
+                except (ValueError, OSError) as err:
+                    errors.append(str(err))
+                    continue
+                largest = max([largest, *values])
+        raise_if(errors, "hf import", skip_invalid)
+        k = len(names) if names is not None else max(largest + (0 if reduce_zero_label else 1), 1)
+        classes_out = names if names is not None else [f"class_{i + (1 if reduce_zero_label else 0)}" for i in range(k)]
+        return writer.finish(classes_out, default_palette(len(classes_out)), IGNORE)
 
 
 def import_hf(dataset: PathLike, out: PathLike, *, image_column: str = "image", mask_column: str = "annotation",

@@ -143,15 +143,14 @@ def import_labelme(folder: PathLike, out: PathLike, *, labels: Sequence[str] | P
         raise ImportDataError(f"{folder}: no labelme .json files")
     given = _parse_labels(labels)
     errors: list[str] = []
-    docs = []
-    for rel in json_files:
-        path = folder / rel
+    readable, seen = [], set()
+    for rel in json_files:  # a first pass for the label names only: files are read again one at a time below
         try:
-            docs.append((rel, path, _read(path)))
+            seen |= {str(sh.get("label")) for sh in _read(folder / rel)["shapes"] if isinstance(sh, dict)}
+            readable.append(rel)
         except ValueError as err:
             errors.append(str(err))
-    names_seen = sorted({str(s.get("label")) for _, _, d in docs for s in d["shapes"] if isinstance(s, dict)}
-                        - {IGNORE_NAME, *BACKGROUND_NAMES})
+    names_seen = sorted(seen - {IGNORE_NAME, *BACKGROUND_NAMES})
     classes = given if given is not None else ["background", *names_seen]
     value_of: dict[str, int] = {n: i for i, n in enumerate(classes)}
     background = next((value_of[n] for n in BACKGROUND_NAMES if n in value_of), IGNORE)
@@ -161,43 +160,46 @@ def import_labelme(folder: PathLike, out: PathLike, *, labels: Sequence[str] | P
     if len(classes) > 255:
         raise ImportDataError(f"{len(classes)} classes do not fit 8-bit masks with 255 as ignore")
     palette = default_palette(len(classes))
-
-    plan = []
-    for rel, path, data in docs:
-        try:
-            source = _image_source(path, data)
-            # the upright size: labelme shows (and labels) photos with their EXIF rotation applied
-            h, w = probe(source if isinstance(source, bytes) else read_file(source), source=str(path)).upright_hw
-        except (ValueError, ImageError) as err:
-            errors.append(str(err) if str(path) in str(err) else f"{path}: {err}")
-            continue
-        canvas = Image.new("L", (w, h), background)
-        draw = ImageDraw.Draw(canvas)
-        bad = False
-        for index, shape in enumerate(data["shapes"]):
-            where = f"{path}: shape {index}"
-            if not isinstance(shape, dict):
-                errors.append(f"{where}: not an object")
-                bad = True
-                continue
-            label = shape.get("label")
-            where = f"{where} (label {label!r})"
-            if label not in value_of:
-                errors.append(f"{where}: label not in --labels {classes}")
-                bad = True
-                continue
-            try:
-                draw_shape(draw, shape, value_of[label], where, line_width, point_size)
-            except ValueError as err:
-                errors.append(str(err))
-                bad = True
-        if not bad:
-            plan.append([rel[: -len(".json")], source, np.asarray(canvas), str(path)])
-    raise_if(errors, "labelme import", skip_invalid)
-    assign = split_names([p[0] for p in plan], val_fraction, seed) if val_fraction else {}
+    names = [rel[: -len(".json")] for rel in readable]
+    assign = split_names(names, val_fraction, seed) if val_fraction else {}
     src = {"format": "labelme", "folder": str(folder), "labels": given, "val_fraction": val_fraction, "seed": seed,
            "line_width": line_width, "point_size": point_size}
     with LayoutWriter(out, src) as writer:
-        for name, source, mask, where in plan:
-            writer.add(assign.get(name, "train"), name, source, mask, where, palette)
+        for rel, name in zip(readable, names):
+            path = folder / rel
+            try:
+                data = _read(path)
+                source = _image_source(path, data)
+                # the upright size: labelme shows (and labels) photos with their EXIF rotation applied
+                h, w = probe(source if isinstance(source, bytes) else read_file(source), source=str(path)).upright_hw
+            except (ValueError, ImageError) as err:
+                errors.append(str(err) if str(path) in str(err) else f"{path}: {err}")
+                continue
+            canvas = Image.new("L", (w, h), background)
+            draw = ImageDraw.Draw(canvas)
+            bad = False
+            for index, shape in enumerate(data["shapes"]):
+                where = f"{path}: shape {index}"
+                if not isinstance(shape, dict):
+                    errors.append(f"{where}: not an object")
+                    bad = True
+                    continue
+                label = shape.get("label")
+                where = f"{where} (label {label!r})"
+                if label not in value_of:
+                    errors.append(f"{where}: label not in --labels {classes}")
+                    bad = True
+                    continue
+                try:
+                    draw_shape(draw, shape, value_of[label], where, line_width, point_size)
+                except ValueError as err:
+                    errors.append(str(err))
+                    bad = True
+            if bad:
+                continue
+            try:
+                writer.add(assign.get(name, "train"), name, source, np.asarray(canvas), str(path), palette)
+            except ImportDataError as err:
+                errors.append(str(err))
+        raise_if(errors, "labelme import", skip_invalid)
         return writer.finish(classes, palette, IGNORE)

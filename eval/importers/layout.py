@@ -47,7 +47,7 @@ def raise_if(errors: Sequence[str], what: str, skip_invalid: bool, warn=print) -
     shown = "\n  ".join(errors[:10])
     more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
     raise ImportDataError(f"{what}: {len(errors)} problem(s):\n  {shown}{more}\nFix them, or pass --skip-invalid "
-                          "(skip_invalid=True) to leave those annotations/images out")
+                          "(skip_invalid=True) to leave those images out")
 
 
 def split_names(names: Sequence[str], val_fraction: float, seed: int) -> dict[str, str]:
@@ -96,6 +96,9 @@ class LayoutWriter:
 
         The image must decode (``zoo.images.read_image``) to the mask's size; ``where`` names the source in errors.
         """
+        parts = Path(name).parts
+        if not parts or name.startswith(("/", "\\")) or ".." in parts or Path(name).is_absolute():
+            raise ImportDataError(f"{where}: image name {name!r} must be a relative path inside the images folder")
         key = (split, name)
         if key in self.names:
             raise ImportDataError(f"{where}: image name {name!r} is used twice in split {split!r} (also by "

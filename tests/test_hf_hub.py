@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import zoo
 from isa.cli import main
@@ -123,10 +123,6 @@ def tuned(tmp_path_factory):
     shutil.rmtree(run, ignore_errors=True)
 
 
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 def test_push_dry_run_card_parses_its_snippet_loads_from_the_hub_then_offline_from_the_cache(
         hub, tuned, tmp_path, monkeypatch, capsys):
     folder = tmp_path / "upload"
@@ -154,9 +150,10 @@ def test_push_dry_run_card_parses_its_snippet_loads_from_the_hub_then_offline_fr
     hub.close()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from_hub = zoo.create_model(weights=f"hf-hub:{REPO}")
-    local = zoo.create_model(weights=str(tuned))
-    for (k, a), (k2, b) in zip(_state(from_hub).items(), _state(local).items()):
-        assert k == k2 and torch.equal(a, b), k
+    state, local = from_hub.state_dict(), load_file(tuned)
+    assert set(local) <= set(state) and len(local) > 300
+    for k, v in local.items():
+        assert torch.equal(state[k], v), k
     assert list(from_hub.meta.classes) == CLASSES
     assert resolve_weights(None, f"hf-hub:{REPO}@{commit}").read_bytes() == tuned.read_bytes()  # pinned commit
 
@@ -202,3 +199,27 @@ def test_a_mirror_serves_the_variants_checked_against_the_published_hash(hub, tm
     monkeypatch.setenv("ISA_HOME", str(tmp_path / "empty-isa-cache"))
     monkeypatch.setenv("ISA_HF_MIRROR", "mirror/isanet")
     assert resolve_weights(MODEL, "auto").read_bytes() == good.read_bytes()  # not download.openmmlab.com
+
+
+def test_push_uploads_exactly_the_dry_run_folder(tuned, tmp_path, monkeypatch, capsys):
+    """The upload itself needs the real Hub; what it is given is checked here: the dry-run folder's files."""
+    sent = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            sent["repo"] = (repo_id, kwargs)
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            sent["files"] = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+            return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/abc"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert main(["push", str(tuned), REPO, "--private"]) == 0
+    assert capsys.readouterr().out.strip() == f"https://hub/{REPO}/commit/abc"
+    assert sent["repo"] == (REPO, {"repo_type": "model", "private": True, "exist_ok": True})
+    assert main(["push", str(tuned), REPO, "--dry-run", str(tmp_path / "dry")]) == 0
+    assert sent["files"] == {p.name: p.read_bytes() for p in (tmp_path / "dry").iterdir()}
+    with pytest.raises(SystemExit):
+        main(["push", str(tuned)])  # the repo is required
+    assert main(["push", str(tuned), "not-a-repo", "--dry-run", str(tmp_path / "x")]) == 1
+    assert "hf-hub:OWNER/REPO" in capsys.readouterr().err

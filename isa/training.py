@@ -32,7 +32,86 @@ HELP_EPILOG = """examples:
 _FIELDS = ("iters", "batch_size", "lr", "work_dir", "crop_size", "img_scale", "ratio_range", "test_scale",
            "eval_interval", "checkpoint_interval", "eval_max_images", "early_stop", "keep_checkpoints",
            "avg_non_ignore", "dropout", "resume", "seed", "device", "amp", "backend", "workers", "threads",
-           "log_interval", "num_classes", "weights", "backbone_weights")
+           "log_interval", "num_classes", "weights", "backbone_weights", "overwrite")
+
+
+def _keep(text: str) -> int:
+    """--keep-checkpoints: a count, or 'all' (stored as 0)."""
+    if text.strip().lower() == "all":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'all', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 or 'all', got {value}")
+    return value
+
+
+# fine-tuning options (train.losses, train.optim, train.tuning): TrainConfig fields of the same name
+_TUNING_FIELDS = ("class_weights", "freeze_bn", "freeze_backbone", "accum_steps", "optimizer", "no_decay_norm_bias",
+                  "warmup", "warmup_start_factor", "head_lr_mult", "weight_decay", "tensorboard")
+
+
+def _add_tuning_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tuning options (defaults: the recipe's; all are stored in config.json)")
+    g.add_argument("--loss", nargs="+", metavar="NAME[:WEIGHT]",
+                   help="decode-head loss terms, summed with their weights, e.g. --loss ce:1.0 dice:3.0. NAME: ce "
+                        "(cross-entropy), dice (softmax Dice over the labelled pixels, per class, mean over the "
+                        "classes present - the Dice most people mean; NOT MMSegmentation's sigmoid DiceLoss), "
+                        "mmseg_dice (MMSegmentation's DiceLoss exactly), focal (sigmoid focal loss), lovasz "
+                        "(Lovasz-softmax). The aux head keeps cross-entropy x 0.4 [ce:1.0]")
+    g.add_argument("--ohem", nargs="*", metavar="ARG",
+                   help="--ohem [THRESH [MIN_KEPT]]: online hard example mining on the decode head (MMSeg's "
+                        "OHEMPixelSampler): the labelled pixels whose label probability is below THRESH, at least "
+                        "MIN_KEPT per image; THRESH 'none': the MIN_KEPT highest-loss pixels per image [alone: 0.7 "
+                        "100000]; with ce (and lovasz) terms")
+    g.add_argument("--class-weights", metavar="auto|FILE|W1,W2,...",
+                   help="per-class loss weights: auto (median frequency from the train split's pixel counts, "
+                        "printed per class), a file of numbers, or one number per class; also stored in the weights")
+    g.add_argument("--freeze-bn", action="store_true", default=None,
+                   help="BatchNorm in eval mode, statistics and affine frozen (MMSeg norm_eval); for small batches")
+    g.add_argument("--freeze-backbone", type=int, nargs="?", const=4, metavar="STAGES",
+                   help="freeze the ResNet stem and layers 1..STAGES (frozen_stages) [alone: 4, the whole backbone]")
+    g.add_argument("--accum-steps", type=int, metavar="N",
+                   help="gradient accumulation: N batches of --batch-size per optimizer step [1]")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"],
+                   help="sgd (recipe: momentum 0.9) or adamw (betas 0.9/0.999; --lr 6e-5 and --weight-decay 0.01 "
+                        "unless given) [sgd]")
+    g.add_argument("--weight-decay", type=float, metavar="WD", help="[recipe: 5e-4]")
+    g.add_argument("--no-decay-norm-bias", action="store_true", default=None,
+                   help="no weight decay on norm layers and biases (paramwise norm/bias_decay_mult=0)")
+    g.add_argument("--warmup", type=int, metavar="ITERS",
+                   help="linear warm-up (LinearLR) over ITERS iterations from --warmup-start-factor x lr [0: none]")
+    g.add_argument("--warmup-start-factor", type=float, metavar="F", help="the warm-up's first factor [1e-6]")
+    g.add_argument("--head-lr-mult", type=float, metavar="M",
+                   help="learning-rate multiplier of the decode and auxiliary heads (paramwise custom_keys), e.g. 10 [1]")
+    g.add_argument("--tensorboard", action="store_true", default=None,
+                   help="write scalars (losses, lr, val metrics per class) to WORK_DIR/tensorboard "
+                        "(pip install 'isa-triton[tensorboard]')")
+
+
+def _tuning_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The TrainConfig fields the fine-tuning flags set."""
+    out: Dict[str, Any] = {k: getattr(args, k) for k in _TUNING_FIELDS if getattr(args, k, None) is not None}
+    if getattr(args, "loss", None):
+        out["loss"] = " ".join(args.loss)
+    if getattr(args, "ohem", None) is not None:
+        words = list(args.ohem)
+        if len(words) > 2:
+            raise UsageError(f"--ohem takes [THRESH] [MIN_KEPT], got {' '.join(words)}")
+        try:
+            thresh = 0.7 if not words else None if words[0].lower() == "none" else float(words[0])
+            min_kept = int(words[1]) if len(words) > 1 else 100000
+        except ValueError:
+            raise UsageError(f"--ohem: THRESH is a probability or 'none', MIN_KEPT a count; got {' '.join(words)}") \
+                from None
+        out["ohem"] = [thresh, min_kept]
+    if out.get("optimizer") == "adamw":  # AdamW's usual fine-tuning values, not SGD's
+        if args.lr is None:
+            out["lr"] = 6e-5
+        out.setdefault("weight_decay", 0.01)
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -60,18 +139,29 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sched.add_argument("--ratio-range", type=float, nargs=2, metavar=("LO", "HI"))
     sched.add_argument("--test-scale", type=int, nargs=2, metavar=("W", "H"),
                        help="evaluation scale (recipe's; fine-tuning: --img-scale); stored in the weights")
-    sched.add_argument("--eval-interval", type=int, metavar="N", help="default iters/10")
+    sched.add_argument("--eval-interval", type=int, metavar="N",
+                       help="evaluate every N iterations [recipes: theirs; else iters/10 but at least 50, so that "
+                            "evaluation stays a small share of a short run; the last iteration always evaluates]")
     sched.add_argument("--eval-max-images", type=int, metavar="N", help="evaluate on the first N val images only")
     sched.add_argument("--early-stop", type=int, metavar="N", help="stop after N evaluations without a better val mIoU")
-    sched.add_argument("--checkpoint-interval", type=int, metavar="M", help="default iters/10")
-    sched.add_argument("--keep-checkpoints", type=int, metavar="N", help="keep the N newest (0: all)")
+    sched.add_argument("--checkpoint-interval", type=int, metavar="M",
+                       help="checkpoint every M iterations [recipes: theirs; else iters/10 but at least 50; the "
+                            "last iteration and a stop always checkpoint]")
+    sched.add_argument("--keep-checkpoints", type=_keep, metavar="N",
+                       help="keep the N newest complete checkpoints, 'all' (or 0) keeps every one [2; "
+                            "best.safetensors is kept besides]; an R-50 checkpoint is about 300 MB, R-101 about 450 MB")
     sched.add_argument("--avg-non-ignore", action="store_true", default=None,
                        help="average the loss over non-ignored pixels (mmseg>=0.23 option; 0.x used all pixels)")
     sched.add_argument("--dropout", type=float, metavar="P", help="override the heads' Dropout2d ratio (0.1)")
+    _add_tuning_arguments(p)
     run = p.add_argument_group("run")
     run.add_argument("--work-dir", metavar="OUT", help="outputs (default work_dirs/NAME)")
     run.add_argument("--resume", action="store_true", default=None,
-                     help="continue from the newest complete checkpoint in --work-dir")
+                     help="continue from the newest complete checkpoint in --work-dir (the settings must match its "
+                          "config.json but for iters, intervals, logging, workers and threads)")
+    run.add_argument("--overwrite", action="store_true", default=None,
+                     help="start afresh in a --work-dir that holds an earlier run: its outputs are moved to "
+                          "WORK_DIR/previous-<time>/ (nothing is deleted); without it such a run is refused")
     run.add_argument("--seed", type=int)
     run.add_argument("--device", help="auto, cpu, cuda [auto]")
     run.add_argument("--dtype", "--amp", dest="amp", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
@@ -101,6 +191,7 @@ def config_from_args(args: argparse.Namespace):
     if "amp" in common:  # one dtype vocabulary with eval/predict; TrainConfig.amp keeps MMSeg's short names
         common["amp"] = {"float32": None, "fp32": None, "bfloat16": "bf16", "float16": "fp16"}.get(
             common["amp"], common["amp"])
+    common.update(_tuning_options(args))
     common.update(progress=not args.no_progress, check_data=not args.no_check_data)
     if args.recipe:
         if not args.data_root:

@@ -108,18 +108,17 @@ def fetch_on_main_first(cfg: TrainConfig, ctx: D.DistContext) -> None:
 
 
 def check_resume_config(saved: Dict[str, Any], cfg: TrainConfig, ctx: D.DistContext) -> None:
-    """Refuse a resume that cannot continue the same run; warn where exactness is lost."""
+    """Refuse a resume whose settings differ from the checkpoint's, naming each field (see
+    `TrainConfig.resume_differences`); log the allowed changes; warn where exactness is lost."""
     if not saved:
         return
-    for key in ("model", "iters"):
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise ValueError(f"--resume: the checkpoint was written by a run with {key}={saved[key]!r}, this "
-                             f"run has {key}={getattr(cfg, key)!r}; use the same settings or a new --work-dir")
-    now = cfg.to_dict()
-    for key in ("batch_size", "seed", "crop_size", "lr"):
-        if key in saved and saved[key] != now[key] and ctx.is_main:
-            warnings.warn(f"--resume: {key} was {saved[key]!r} and is now {now[key]!r}; the run continues but is "
-                          "no longer identical to an uninterrupted one", RuntimeWarning, stacklevel=3)
+    refused, allowed = cfg.resume_differences(saved)
+    if refused:
+        raise ValueError("--resume: these settings differ from the run being resumed: " + "; ".join(refused)
+                         + ". Resume with the run's settings (its config.json), or start a new run with "
+                         "--work-dir NEW_DIR (or --overwrite to move the old outputs aside)")
+    if allowed and ctx.is_main:
+        log.info("--resume: changed %s", "; ".join(allowed))
     saved_world = saved.get("_world_size")
     if saved_world is not None and saved_world != ctx.world_size and ctx.is_main:
         warnings.warn(f"--resume: the checkpoint was written with {saved_world} processes, this run has "

@@ -10,9 +10,24 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 AMP_CHOICES = ("bf16", "fp16")
+
+# Without an explicit --eval-interval / --checkpoint-interval a run evaluates and checkpoints every iters/10
+# iterations but never more often than every INTERVAL_FLOOR: an evaluation costs about as much as tens of
+# training iterations (every val image at the test scale), so a short fine-tune (--iters 10) spends its time
+# training, not evaluating. The last iteration always evaluates and checkpoints.
+INTERVAL_FLOOR = 50
+
+# fields a --resume may change: they decide how long the run goes on and what it reports, not what one
+# iteration computes (a longer --iters stretches the rest of the poly schedule). Any other difference from
+# the checkpoint's config is refused, naming the field.
+RESUME_MAY_CHANGE = ("iters", "eval_interval", "checkpoint_interval", "eval_max_images", "early_stop",
+                     "log_interval", "keep_checkpoints", "workers", "threads", "progress", "check_data",
+                     "tensorboard")
+# not compared at all: where the run lives and how it was started (a resumed run reads no initial weights)
+RESUME_IGNORED = ("work_dir", "resume", "overwrite", "weights", "backbone_weights")
 
 
 @dataclass
@@ -42,6 +57,19 @@ class TrainConfig:
     min_lr: float = 1e-4
     aux_weight: float = 0.4
     avg_non_ignore: bool = False
+    # fine-tuning options (train.losses, train.optim, train.tuning); the defaults are the recipe's
+    loss: Optional[Any] = None  # "ce:1.0 dice:3.0" or train.losses dicts; None: the recipe's cross-entropy
+    ohem: Optional[List[Any]] = None  # [thresh or None, min_kept]: MMSeg's OHEMPixelSampler on the decode head
+    class_weights: Optional[Any] = None  # "auto" (median frequency), a file, "w1,w2,..." or a list
+    freeze_bn: bool = False  # BatchNorm in eval mode, statistics and affine frozen (norm_eval)
+    freeze_backbone: Optional[int] = None  # ResNet frozen_stages: stem + layers 1..S
+    accum_steps: int = 1  # micro-batches of batch_size per optimizer step
+    optimizer: str = "sgd"  # sgd | adamw
+    no_decay_norm_bias: bool = False  # weight decay 0 for norm layers and biases
+    warmup: int = 0  # linear warm-up iterations (LinearLR)
+    warmup_start_factor: float = 1e-6
+    head_lr_mult: float = 1.0  # lr multiplier of decode_head.* and auxiliary_head.*
+    tensorboard: bool = False  # scalars to WORK_DIR/tensorboard
     eval_interval: Optional[int] = None
     checkpoint_interval: Optional[int] = None
     eval_max_images: Optional[int] = None
@@ -55,7 +83,8 @@ class TrainConfig:
     threads: Optional[int] = None
     resume: bool = False
     dropout: Optional[float] = None
-    keep_checkpoints: int = 0
+    keep_checkpoints: int = 2  # the newest N complete checkpoints stay (best.safetensors besides); 0: all
+    overwrite: bool = False  # move an earlier run's outputs to WORK_DIR/previous-<time>/ instead of refusing
     check_data: bool = True
     progress: bool = True
     recipe: Optional[str] = None
@@ -134,6 +163,24 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"--keep-checkpoints must be >= 0 (0 or 'all' keeps every checkpoint), got "
+                             f"{self.keep_checkpoints}")
+        if self.accum_steps < 1:
+            raise ValueError(f"--accum-steps must be >= 1, got {self.accum_steps}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.warmup < 0 or not 0.0 <= self.warmup_start_factor <= 1.0:
+            raise ValueError(f"--warmup must be >= 0 iterations and its start factor in [0, 1], got {self.warmup} "
+                             f"and {self.warmup_start_factor}")
+        if self.head_lr_mult <= 0:
+            raise ValueError(f"--head-lr-mult must be positive, got {self.head_lr_mult}")
+        if self.freeze_backbone is not None and not -1 <= self.freeze_backbone <= 4:
+            raise ValueError(f"--freeze-backbone takes 0 (stem) to 4 (stem and layers 1-4), got {self.freeze_backbone}")
+        if self.ohem is not None:
+            self.ohem = list(self.ohem) + [None, 100000][len(self.ohem):] if len(self.ohem) < 2 else list(self.ohem)
+            if len(self.ohem) != 2:
+                raise ValueError(f"--ohem takes [THRESH] [MIN_KEPT], got {self.ohem}")
         for name in ("eval_interval", "checkpoint_interval", "early_stop"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -142,11 +189,29 @@ class TrainConfig:
 
     @property
     def eval_every(self) -> int:
-        return self.eval_interval or max(self.iters // 10, 1)
+        """--eval-interval, else iters/10 but at least INTERVAL_FLOOR (the last iteration evaluates anyway)."""
+        return self.eval_interval or max(self.iters // 10, INTERVAL_FLOOR)
 
     @property
     def checkpoint_every(self) -> int:
-        return self.checkpoint_interval or max(self.iters // 10, 1)
+        """--checkpoint-interval, else iters/10 but at least INTERVAL_FLOOR (the last iteration saves anyway)."""
+        return self.checkpoint_interval or max(self.iters // 10, INTERVAL_FLOOR)
+
+    def resume_differences(self, saved: Dict[str, Any]) -> Tuple[List[str], List[str]]:
+        """(refused, allowed): 'field: old -> new' for each field that differs from `saved` (a checkpoint's
+        config); allowed ones are RESUME_MAY_CHANGE. Fields `saved` lacks (older runs) are not compared."""
+        from pathlib import Path
+
+        now = self.to_dict()
+        refused, allowed = [], []
+        for key, value in now.items():
+            if key in RESUME_IGNORED or key not in saved or saved[key] == value:
+                continue
+            if key == "data_root" and Path(str(saved[key])).resolve() == Path(str(value)).resolve():
+                continue
+            line = f"{key}: {saved[key]!r} -> {value!r}"
+            (allowed if key in RESUME_MAY_CHANGE else refused).append(line)
+        return refused, allowed
 
     @property
     def eval_scale(self) -> Optional[Tuple[int, int]]:

@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -42,12 +42,14 @@ from zoo.utils import write_bytes_atomic
 
 from . import checkpoint as ckpt
 from . import distributed as D
+from . import tuning
 from .builders import build_datasets, build_model, check_folder_data, check_resume_config, fetch_on_main_first
 from .config import TrainConfig
 from .data import IterationBatchSampler, TrainSet, build_loader
 from .loss import isanet_loss
 from .lock import WorkDirLock
 from .plot import plot_curves, read_log
+from .optim import build_optimizer, build_scheduler
 from .schedule import PolyLR
 from .pipeline import RecipePipeline, normalize_batch
 
@@ -91,6 +93,15 @@ class Run:
     history: List[Dict[str, Any]] = field(default_factory=list)
     last_good: Optional[Path] = None
     resumed_from: Optional[Path] = None
+    # the iteration's evaluation has not run yet (a stop came first): a resumed run makes it up first
+    pending_eval: bool = False
+    # loss sums since the last train record of log.jsonl, so that a resumed run logs the same averages
+    window: Dict[str, float] = field(default_factory=dict)
+    window_n: int = 0
+    # fine-tuning options (train.tuning): the loss modules (None: the recipe's), class weights, TensorBoard
+    criterion: Optional[nn.Module] = None
+    class_weights: Optional[List[float]] = None
+    tb: Optional[Any] = None
 
     log_path = property(lambda self: self.work / "log.jsonl")
     curves_path = property(lambda self: self.work / "curves.png")
@@ -107,6 +118,7 @@ class Run:
 def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
     """Everything before the first iteration: datasets, model, optimizer, schedule, resume, data loader."""
     device, work = ctx.device, Path(cfg.work_dir)
+    _claim_work_dir(cfg, ctx)
     if ctx.is_main:
         ckpt.checkpoint_dir(work).mkdir(parents=True, exist_ok=True)
         for stale in ckpt.remove_stale_temporaries(work):
@@ -119,6 +131,8 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
         raise ValueError(f"global batch {cfg.batch_size} does not split over {ctx.world_size} processes; "
                          f"pass --batch-size as a multiple of {ctx.world_size}")
     per_gpu_batch = cfg.batch_size // ctx.world_size
+    if cfg.tensorboard and ctx.is_main:
+        tuning.check_tensorboard()  # the install hint before any work
 
     if cfg.check_data and cfg.dataset == "folder" and ctx.is_main:
         check_folder_data(cfg)
@@ -127,35 +141,48 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise ValueError(f"--num-classes {cfg.num_classes} disagrees with the dataset's {num_classes} classes "
                          f"({cfg.data_root}); drop --num-classes or fix dataset.json")
+    # refused (a count that is not the class count, a bad file) before anything trains
+    class_weights = tuning.resolve_class_weights(cfg.class_weights, cfg, num_classes, list(train_set.classes))
+    if class_weights and ctx.is_main:
+        log.info("class weights (--class-weights %s):\n%s", cfg.class_weights,
+                 tuning.format_class_weights(class_weights, list(train_set.classes)))
 
     # a resumed run takes every weight from its checkpoint: no initial weights to read or download
     found = ckpt.load_latest_checkpoint(work, map_location="cpu") if cfg.resume else None
+    if found is not None:  # refuse a changed setting before building anything
+        check_resume_config(found[0].get("config", {}), cfg, ctx)
     if found is None and ctx.distributed and "auto" in (cfg.weights, cfg.backbone_weights):
         fetch_on_main_first(cfg, ctx)
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg, num_classes, pretrained=found is None).to(device)
+    frozen = tuning.apply_freezing(model, cfg.freeze_bn, cfg.freeze_backbone)  # before DDP sees requires_grad
+    if frozen and ctx.is_main:
+        log.info("frozen: %s", ", ".join(frozen))
     if ctx.distributed:
         model = D.convert_sync_batchnorm(model, device)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
     inner = model.module if ctx.distributed else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = PolyLR(optimizer, cfg.iters, power=cfg.power, min_lr=cfg.min_lr)
+    optimizer = build_optimizer(cfg, model)  # the recipe's SGD unless --optimizer / --head-lr-mult / ...
+    scheduler = build_scheduler(cfg, optimizer)  # the recipe's poly unless --warmup
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     run_kwargs: Dict[str, Any] = {}
     rng_restore = None
     if found is not None:
         state, path = found
-        check_resume_config(state.get("config", {}), cfg, ctx)
         inner.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        scheduler.max_iters = cfg.iters  # a changed --iters stretches (or shortens) the rest of the schedule
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         rngs = state.get("rng", [])
         rng_restore = rngs[ctx.rank] if ctx.rank < len(rngs) else None
+        window = state.get("log_window") or {}
         run_kwargs = dict(start_iter=int(state["iteration"]), history=list(state.get("history", [])),
-                          last_good=path, resumed_from=path)
+                          last_good=path, resumed_from=path, pending_eval=bool(state.get("pending_eval", False)),
+                          window={k: float(v) for k, v in (window.get("sums") or {}).items()},
+                          window_n=int(window.get("n", 0)))
         if ctx.is_main:
             log.info("resumed from %s (iteration %d)", path, run_kwargs["start_iter"])
             _truncate_log(work / "log.jsonl", run_kwargs["start_iter"])
@@ -163,10 +190,6 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
         if cfg.resume:
             log.warning("--resume: no checkpoint in %s; starting from scratch", ckpt.checkpoint_dir(work))
         (work / "log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
-        if ckpt.list_checkpoints(work):
-            log.warning("%s holds checkpoints of an earlier run; this run overwrites them as it reaches their "
-                        "iterations (pass --resume to continue that run, or use a new --work-dir)",
-                        ckpt.checkpoint_dir(work))
     D.barrier(ctx)
 
     # RNG last: nothing after this point but the loop draws random numbers (dropout)
@@ -174,16 +197,76 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
     if rng_restore is not None:
         ckpt.set_rng_state(rng_restore, device)
     start_iter = run_kwargs.get("start_iter", 0)
+    # the sampler counts micro-batches: --accum-steps N draws N of them per iteration
     sampler = IterationBatchSampler(len(train_set), per_gpu_batch, seed=cfg.seed, world_size=ctx.world_size,
-                                    rank=ctx.rank, start_iteration=start_iter)
+                                    rank=ctx.rank, start_iteration=start_iter * cfg.accum_steps)
     transforms = RecipePipeline(cfg.crop_size, cfg.img_scale, cfg.ratio_range, cfg.cat_max_ratio)  # uint8 out
     loader = build_loader(TrainSet(train_set, transforms), sampler, num_workers=_workers(cfg, ctx),
                           pin_memory=device.type == "cuda")
     run = Run(cfg, ctx, work, train_set, val_set, model, inner, optimizer, scheduler, scaler,
               AMP_DTYPES.get(cfg.amp) if cfg.amp else None, sampler, iter(loader), **run_kwargs)
+    run.class_weights = class_weights
+    run.criterion = tuning.build_criterion(cfg, num_classes, class_weights)
     if ctx.is_main:
         _write_config(run, per_gpu_batch)
+        if cfg.tensorboard:
+            run.tb = tuning.TensorBoardLog(work, list(train_set.classes))
     return run
+
+
+# what a run leaves in its work dir; any of them there means the folder holds a run
+RUN_OUTPUTS = ("config.json", "log.jsonl", "best.safetensors", "model.safetensors", "curves.png")
+
+
+class WorkDirInUse(ValueError):
+    """The work dir holds another run's outputs and neither --resume nor --overwrite was given."""
+
+
+def previous_outputs(work_dir: Union[str, Path]) -> List[str]:
+    """What an earlier run left in `work_dir` (file names; the checkpoints as one entry), empty when none."""
+    work = Path(work_dir)
+    found = [name for name in RUN_OUTPUTS if (work / name).is_file()]
+    checkpoints = ckpt.list_checkpoints(work)
+    if checkpoints:
+        found.append(f"checkpoints/ ({len(checkpoints)} checkpoint{'s' if len(checkpoints) > 1 else ''}, "
+                     f"newest {checkpoints[0][1].name})")
+    return found
+
+
+def move_aside(work_dir: Union[str, Path]) -> Path:
+    """Move everything in `work_dir` (but its lock and earlier `previous-*` folders) into a new
+    `work_dir/previous-<date-time>/`; nothing is deleted. Returns that folder."""
+    work = Path(work_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = work / f"previous-{stamp}", 1
+    while target.exists():
+        n += 1
+        target = work / f"previous-{stamp}-{n}"
+    target.mkdir()
+    for entry in sorted(work.iterdir()):
+        if entry == target or entry.name.startswith("previous-") or entry.name.startswith(".lock"):
+            continue
+        os.replace(entry, target / entry.name)
+    return target
+
+
+def _claim_work_dir(cfg: TrainConfig, ctx: D.DistContext) -> None:
+    """A run never silently reuses a work dir: refuse (naming what is there and the three choices) or,
+    with --overwrite, move the earlier outputs aside. --resume continues what is there."""
+    message = None
+    if ctx.is_main and not cfg.resume:
+        found = previous_outputs(cfg.work_dir)
+        if found and cfg.overwrite:
+            moved = move_aside(cfg.work_dir)
+            log.warning("--overwrite: moved the earlier run's outputs (%s) to %s", ", ".join(found), moved)
+        elif found:
+            message = (f"{cfg.work_dir} holds the outputs of an earlier run ({', '.join(found)}). Choose one: "
+                       "--resume to continue that run; a new --work-dir for a separate run; or --overwrite to "
+                       f"start afresh here (the old outputs are moved to {Path(cfg.work_dir) / 'previous-<time>'}"
+                       "/, nothing is deleted)")
+    message = D.broadcast_object(message, ctx)
+    if message:
+        raise WorkDirInUse(message)
 
 
 def _workers(cfg: TrainConfig, ctx: D.DistContext) -> int:
@@ -211,7 +294,7 @@ def _write_config(run: Run, per_gpu_batch: int) -> None:
                 "train_images": len(run.train_set), "val_images": len(run.val_set) if run.val_set else 0,
                 "world_size": run.ctx.world_size, "per_gpu_batch": per_gpu_batch,
                 "workers": _workers(cfg, run.ctx), "device": str(run.ctx.device), "torch": torch.__version__,
-                "isa_triton": project_version()}
+                "isa_triton": project_version(), **tuning.resolved_config(cfg, run.class_weights, run.criterion)}
     write_json_atomic(run.work / "config.json", resolved)
 
 
@@ -219,35 +302,53 @@ def _write_config(run: Run, per_gpu_batch: int) -> None:
 # one step, one evaluation, one checkpoint
 
 
-def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, iteration: int,
+def train_step(run: Run, images: Any, labels: Any, iteration: int,
                stop_requested: bool = False) -> Tuple[Dict[str, float], bool]:
-    """One SGD iteration on a batch; returns (the losses averaged over ranks, whether any rank asked to stop).
+    """One optimizer iteration on a batch; returns (the losses averaged over ranks, whether any rank asked to stop).
 
-    Raises TrainingDiverged (naming the last good checkpoint) when the loss is not finite.
+    With --accum-steps N `images` / `labels` are lists of N micro-batches (`tuning.next_batches`): each one's
+    loss / N is back-propagated, the gradients add up, and the optimizer steps once; the logged losses are
+    the micro-batches' mean. Raises TrainingDiverged (naming the last good checkpoint) when a loss is not finite.
     """
     cfg, device = run.cfg, run.ctx.device
-    # the worker's uint8 crops are normalised here, on the device, and its padding marks become image 0 /
-    # label 255 (MMSeg's data preprocessor; bit-identical to normalising in the worker)
-    images, labels = normalize_batch(images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
-                                     run.inner.config.mean, run.inner.config.std)
+    micro = list(zip(images, labels)) if isinstance(images, list) else [(images, labels)]
     autocast = (torch.autocast(device.type, dtype=run.amp_dtype) if run.amp_dtype is not None
                 else contextlib.nullcontext())
-    with autocast:
-        outputs = run.model(images)
-    losses = isanet_loss(outputs, labels, bool(run.inner.align_corners), aux_weight=cfg.aux_weight,
-                         avg_non_ignore=cfg.avg_non_ignore)
-    names = list(losses)
-    # the stop flag rides along with the losses, so every rank stops after the same iteration
-    flags = torch.stack([losses[k].detach().float() for k in names] + [torch.tensor(float(stop_requested))])
-    reduced = D.all_reduce_mean(flags, run.ctx).tolist()
-    values = dict(zip(names, reduced[:-1]))
-    if not math.isfinite(values["loss"]):
-        where = (f"the last good checkpoint is {run.last_good}; resume from it with --resume (after lowering --lr "
-                 "or changing --amp)") if run.last_good else "no checkpoint was written yet"
-        raise TrainingDiverged(f"loss is {values['loss']} at iteration {iteration}/{cfg.iters} (decode "
-                               f"{values['decode.loss_ce']}, aux {values['aux.loss_ce']}); training stopped, {where}")
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(losses["loss"]).backward()
+    values: Dict[str, float] = {}
+    stop_votes = 0.0
+    for k, (images, labels) in enumerate(micro):
+        # the worker's uint8 crops are normalised here, on the device, and its padding marks become image 0 /
+        # label 255 (MMSeg's data preprocessor; bit-identical to normalising in the worker)
+        images, labels = normalize_batch(images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                                         run.inner.config.mean, run.inner.config.std)
+        last = k == len(micro) - 1
+        # DDP all-reduces the gradients once, at the last micro-batch
+        sync = run.model.no_sync() if run.ctx.distributed and not last else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                outputs = run.model(images)
+            losses = isanet_loss(outputs, labels, bool(run.inner.align_corners), aux_weight=cfg.aux_weight,
+                                 avg_non_ignore=cfg.avg_non_ignore, criterion=run.criterion)
+            names = list(losses)
+            # the stop flag rides along with the losses, so every rank stops after the same iteration
+            flags = torch.stack([losses[n].detach().float() for n in names] + [torch.tensor(float(stop_requested))])
+            reduced = D.all_reduce_mean(flags, run.ctx).tolist()
+            if not math.isfinite(reduced[0]):
+                where = (f"the last good checkpoint is {run.last_good}; resume from it with --resume (after lowering "
+                         "--lr or changing --amp)") if run.last_good else "no checkpoint was written yet"
+                terms = ", ".join(f"{n} {v}" for n, v in zip(names[1:], reduced[1:-1]) if ".loss_" in n)
+                raise TrainingDiverged(f"loss is {reduced[0]} at iteration {iteration}/{cfg.iters} ({terms}); "
+                                       f"training stopped, {where}")
+            for n, v in zip(names, reduced[:-1]):
+                values[n] = values.get(n, 0.0) + v / len(micro) if len(micro) > 1 else v
+            stop_votes = max(stop_votes, reduced[-1])
+            if k == 0:
+                run.optimizer.zero_grad(set_to_none=True)
+            loss = losses["loss"] / len(micro) if len(micro) > 1 else losses["loss"]
+            run.scaler.scale(loss).backward()
+        if not last:
+            ckpt.fault_point("micro", iteration)  # between two micro-batches of iteration `iteration`
+    reduced = [stop_votes]
     ckpt.fault_point("iter", iteration)
     run.scaler.step(run.optimizer)
     run.scaler.update()
@@ -255,23 +356,30 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, iteration: 
     return values, reduced[-1] > 0
 
 
-def evaluate_run(run: Run, iteration: int) -> Dict[str, Any]:
-    """Val mIoU now (every rank; the metric all-reduces); rank 0 logs it and keeps best.safetensors."""
+def evaluate_run(run: Run, iteration: int, interruptible: Any = None) -> Dict[str, Any]:
+    """Val mIoU now (every rank; the metric all-reduces); rank 0 logs it and keeps best.safetensors.
+
+    The training RNG streams are left as they were (the evaluation's data loader draws a seed), so a run
+    evaluates without changing what it trains. `interruptible`: a context manager around the evaluation
+    proper (a stop signal may abort it there; nothing is logged or written then)."""
     from eval.evaluate import evaluate
     from zoo.inference import TestSettings
 
-    cfg = run.cfg
+    cfg, device = run.cfg, run.ctx.device
     settings = TestSettings.from_model(run.inner, scale_wh=cfg.eval_scale)
-    result = evaluate(run.model, run.val_set, settings=settings, dtype=run.amp_dtype, device=run.ctx.device,
-                      max_images=cfg.eval_max_images, num_workers=0 if run.ctx.device.type == "cpu" else 2,
-                      progress=cfg.progress and run.ctx.is_main)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with interruptible or contextlib.nullcontext():
+            ckpt.fault_point("eval", iteration)
+            result = evaluate(run.model, run.val_set, settings=settings, dtype=run.amp_dtype, device=device,
+                              max_images=cfg.eval_max_images, num_workers=0 if device.type == "cpu" else 2,
+                              progress=cfg.progress and run.ctx.is_main)
     keep = ("aAcc", "mIoU", "mAcc", "IoU", "Acc", "num_images")
     metrics = {"mode": "val", "iter": iteration, **{k: _finite(result[k]) for k in keep if k in result}}
     previous = run.best
     metrics["best"] = metrics.get("mIoU") is not None and (previous is None or metrics["mIoU"] > previous["mIoU"])
     run.history.append(metrics)
     if run.ctx.is_main:
-        _append_jsonl(run.log_path, metrics)  # "best": true marks the evaluation best.safetensors holds
+        _append_jsonl(run.log_path, metrics, run.tb)  # "best": true marks the evaluation best.safetensors holds
         if metrics["best"]:
             save_weights_file(run, run.best_path, iteration)
     return metrics
@@ -293,7 +401,7 @@ def save_run(run: Run, iteration: int) -> Optional[Path]:
     rngs = D.all_gather_object(ckpt.rng_state(ctx.device), ctx)  # every rank's dropout stream
     path = None
     if ctx.is_main:
-        epoch, offset = run.sampler.position(iteration)
+        epoch, offset = run.sampler.position(iteration * cfg.accum_steps)  # the sampler counts micro-batches
         config = cfg.to_dict()
         config["_world_size"] = ctx.world_size
         state = {
@@ -303,7 +411,8 @@ def save_run(run: Run, iteration: int) -> Optional[Path]:
             "rng": [{k: v.cpu() for k, v in r.items()} for r in rngs],
             "data": {"iteration": iteration, "epoch": epoch, "offset": offset, "seed": cfg.seed,
                      "world_size": ctx.world_size, "per_gpu_batch": run.sampler.batch_size},
-            "config": config, "history": run.history,
+            "config": config, "history": run.history, "pending_eval": bool(run.pending_eval),
+            "log_window": {"n": int(run.window_n), "sums": {k: float(v) for k, v in run.window.items()}},
         }
         path = ckpt.save_checkpoint(state, cfg.work_dir, iteration)
         ckpt.prune_checkpoints(cfg.work_dir, cfg.keep_checkpoints)
@@ -328,7 +437,7 @@ def save_weights_file(run: Run, path: Path, iteration: int) -> Path:
     meta = ModelMeta.for_variant(run.inner.config, int(base.num_classes), base.classes, base.palette,
                                  test=TestSettings.from_model(run.inner, scale_wh=cfg.eval_scale),
                                  ignore_index=int(base.ignore_index), reduce_zero_label=bool(base.reduce_zero_label),
-                                 extra=extra)
+                                 extra=extra, class_weights=tuple(run.class_weights) if run.class_weights else None)
     return save_weights(run.inner.state_dict(), path, meta)
 
 
@@ -338,10 +447,12 @@ def _memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _append_jsonl(path: Path, record: Dict[str, Any]) -> None:
+def _append_jsonl(path: Path, record: Dict[str, Any], tb: Optional[Any] = None) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
+    if tb is not None:  # --tensorboard: the same record as scalars
+        tb.record(record)
 
 
 def _truncate_log(path: Path, iteration: int) -> None:
@@ -369,19 +480,43 @@ def _plot(run: Run) -> None:
         log.warning("could not write %s: %s", run.curves_path, exc)
 
 
+class _EvaluationInterrupted(Exception):
+    """A stop signal came during an evaluation, which is dropped (the resumed run makes it up)."""
+
+
 class _StopSignals:
-    """SIGINT / SIGTERM ask the loop to stop after the current step; a second one aborts at once."""
+    """SIGINT / SIGTERM ask the loop to stop after the current step (or checkpoint write), or abort an
+    evaluation in progress; a second one aborts at once."""
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
         self._old: Dict[int, Any] = {}
+        self._in_evaluation = False
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:  # second signal: give up now (temporary files are removed on the way out)
             raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
         self.signum = signum
-        log.warning("%s: stopping after this iteration and saving a checkpoint (again to abort now)",
-                    signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self._in_evaluation:
+            log.warning("%s: evaluation abandoned (--resume runs it again); saving a checkpoint (again to abort "
+                        "now)", name)
+            raise _EvaluationInterrupted
+        log.warning("%s: stopping after this iteration and saving a checkpoint (again to abort now)", name)
+
+    @contextlib.contextmanager
+    def interruptible(self, enabled: bool = True) -> Iterator[None]:
+        """A stop signal inside this block raises _EvaluationInterrupted (one process only: ranks of a
+        distributed run must agree, so there the stop waits for the next step)."""
+        self._in_evaluation = enabled
+        try:
+            yield
+        finally:
+            self._in_evaluation = False
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> "_StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -417,75 +552,97 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         D.cleanup(ctx)
 
 
+def _evaluate(run: Run, stop: _StopSignals, bar: Any, iteration: int) -> Tuple[bool, Optional[int]]:
+    """The evaluation of `iteration`; (whether it ran to the end, the early-stop iteration or None)."""
+    try:
+        metrics = evaluate_run(run, iteration, stop.interruptible(not run.ctx.distributed))
+    except _EvaluationInterrupted:
+        return False, None
+    finally:
+        run.model.train()
+    run.pending_eval = False
+    if run.ctx.is_main:
+        bar.write(f"iter {iteration}: mIoU {metrics['mIoU']:.2f} aAcc {metrics['aAcc']:.2f} "
+                  f"mAcc {metrics['mAcc']:.2f}")
+        _plot(run)
+    early = run.cfg.early_stop and evaluations_without_improvement(run.history) >= run.cfg.early_stop
+    return True, iteration if early else None
+
+
 def _loop(run: Run, stop: _StopSignals) -> Dict[str, Any]:
     cfg, ctx, device = run.cfg, run.ctx, run.ctx.device
     bar = tqdm(total=cfg.iters, initial=run.start_iter, disable=not (ctx.is_main and cfg.progress),
-               dynamic_ncols=True, desc="train", unit="it")
-    window: Dict[str, float] = {}
-    window_n, window_time, window_data = 0, 0.0, 0.0
+               dynamic_ncols=True, desc="train", unit="it", position=0)
+    window_time, window_data = 0.0, 0.0
     final_loss = math.nan
     stopped_early = None
     run.model.train()
-    t_last = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     n_done = run.start_iter
     try:
-        for it in range(run.start_iter, cfg.iters):
+        if run.pending_eval:  # the run was stopped before (or during) this iteration's evaluation: make it up
+            done, stopped_early = _evaluate(run, stop, bar, n_done)
+            if done:
+                run.last_good = save_run(run, n_done)  # the checkpoint now holds the evaluation
+            if stop.requested and not ctx.distributed:
+                raise TrainingInterrupted(stop.signum or signal.SIGINT, n_done, run.last_good)
+        t_last = time.perf_counter()
+        for it in range(run.start_iter, cfg.iters if stopped_early is None else run.start_iter):
             n_done = it + 1
-            images, labels = next(run.batches)
+            images, labels = tuning.next_batches(run.batches, cfg.accum_steps)
             t_data = time.perf_counter() - t_last
             lr = run.optimizer.param_groups[0]["lr"]
-            values, stopping = train_step(run, images, labels, n_done, stop.signum is not None)
+            values, stopping = train_step(run, images, labels, n_done, stop.requested)
             # one process stops after the step the signal came in; ranks agree one step later (the flag
             # rides with the next step's loss all-reduce)
-            stopping = stopping or (not ctx.distributed and stop.signum is not None)
+            stopping = stopping or (not ctx.distributed and stop.requested)
             final_loss = values["loss"]
 
             now = time.perf_counter()
             window_time += now - t_last
             window_data += t_data
             t_last = now
-            window_n += 1
+            run.window_n += 1
             for k, v in values.items():
-                window[k] = window.get(k, 0.0) + v
+                run.window[k] = run.window.get(k, 0.0) + v
             bar.update(1)
             if ctx.is_main and cfg.progress:
                 bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
-            if n_done % cfg.log_interval == 0 or n_done == cfg.iters or n_done == run.start_iter + 1:
+            if n_done % cfg.log_interval == 0 or n_done == cfg.iters or n_done == 1:
                 if ctx.is_main:
-                    per_iter = window_time / window_n
+                    # losses average the whole window (kept in checkpoints); times only what this process ran
+                    timed = max(1, min(run.window_n, n_done - run.start_iter))
+                    per_iter = window_time / timed
                     _append_jsonl(run.log_path, {
-                        "mode": "train", "iter": n_done, "lr": lr, **{k: v / window_n for k, v in window.items()},
-                        "time": per_iter, "data_time": window_data / window_n,
-                        "memory_mb": round(_memory_mb(device), 1), "eta_s": round(per_iter * (cfg.iters - n_done), 1)})
-                window, window_n, window_time, window_data = {}, 0, 0.0, 0.0
+                        "mode": "train", "iter": n_done, "lr": lr,
+                        **{k: v / run.window_n for k, v in run.window.items()},
+                        "time": per_iter, "data_time": window_data / timed,
+                        "memory_mb": round(_memory_mb(device), 1), "eta_s": round(per_iter * (cfg.iters - n_done), 1)},
+                        run.tb)
+                run.window, run.window_n, window_time, window_data = {}, 0, 0.0, 0.0
 
-            evaluated = run.val_set is not None and (n_done % cfg.eval_every == 0 or n_done == cfg.iters)
-            if evaluated and not stopping:
-                metrics = evaluate_run(run, n_done)
-                if ctx.is_main:
-                    bar.write(f"iter {n_done}: mIoU {metrics['mIoU']:.2f} aAcc {metrics['aAcc']:.2f} "
-                              f"mAcc {metrics['mAcc']:.2f}")
-                if cfg.early_stop and evaluations_without_improvement(run.history) >= cfg.early_stop:
-                    stopped_early = n_done
-                run.model.train()
+            run.pending_eval = run.val_set is not None and (n_done % cfg.eval_every == 0 or n_done == cfg.iters)
+            if run.pending_eval and not stopping:
+                _, stopped_early = _evaluate(run, stop, bar, n_done)
+                stopping = stopping or (not ctx.distributed and stop.requested)  # a signal during the evaluation
                 t_last = time.perf_counter()  # evaluation time is not iteration time
             if stopping or stopped_early or n_done % cfg.checkpoint_every == 0 or n_done == cfg.iters:
                 run.last_good = save_run(run, n_done)
+                stopping = stopping or (not ctx.distributed and stop.requested)  # a signal during the write
                 t_last = time.perf_counter()
-            if ctx.is_main and evaluated:
-                _plot(run)
             if stopping:
                 raise TrainingInterrupted(stop.signum or signal.SIGINT, n_done, run.last_good)
             if stopped_early:
-                if ctx.is_main:
-                    best = run.best
-                    bar.write(f"early stop at iteration {n_done}: {cfg.early_stop} evaluations without a better "
-                              f"mIoU than {best['mIoU']:.2f} (iteration {best['iter']})")
                 break
+        if stopped_early and ctx.is_main:
+            best = run.best
+            bar.write(f"early stop at iteration {stopped_early}: {cfg.early_stop} evaluations without a better "
+                      f"mIoU than {best['mIoU']:.2f} (iteration {best['iter']})")
     finally:
         bar.close()
+        if run.tb is not None:
+            run.tb.close()
 
     if ctx.is_main:
         save_weights_file(run, run.weights_path, n_done)

@@ -14,7 +14,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -73,17 +73,28 @@ def pixel_accuracy(logits: torch.Tensor, target: torch.Tensor, align_corners: bo
 
 def isanet_loss(outputs: Tuple[torch.Tensor, torch.Tensor], target: torch.Tensor, align_corners: bool,
                 aux_weight: float = 0.4, avg_non_ignore: bool = False,
-                ignore_index: int = IGNORE_INDEX) -> Dict[str, torch.Tensor]:
+                ignore_index: int = IGNORE_INDEX, criterion: Optional[Any] = None) -> Dict[str, torch.Tensor]:
     """Decode + weighted auxiliary loss; returns `loss` (to backprop) and MMSeg's logged terms.
 
     Keys: `loss`, `decode.loss_ce`, `aux.loss_ce` (already multiplied by `aux_weight`),
-    `decode.acc_seg`, `aux.acc_seg` (percent, detached).
+    `decode.acc_seg`, `aux.acc_seg` (percent, detached). With `criterion` (`train.tuning.HeadLosses`: the
+    fine-tuning losses of `train.losses`) each head's terms come from its module instead, under their names
+    (`decode.loss_dice`, ...), and `aux_weight` / `avg_non_ignore` are the modules' own.
     """
     if not (isinstance(outputs, (tuple, list)) and len(outputs) == 2):
         raise ValueError("expected the train-mode model output (decode_logits, aux_logits); call "
                          "model.train() before the forward pass")
     out: Dict[str, torch.Tensor] = {}
     total = None
+    if criterion is not None:
+        for name, logits, module in (("decode", outputs[0], criterion.decode), ("aux", outputs[1], criterion.aux)):
+            labels = _check(logits, target)
+            full = upsample_logits(logits, labels.shape[-2:], align_corners)
+            for key, loss in module(full, labels).items():
+                out[f"{name}.{key}"] = loss
+                total = loss if total is None else total + loss
+            out[f"{name}.acc_seg"] = _accuracy(full.detach(), labels, ignore_index)
+        return {"loss": total, **out}
     for name, logits, weight in (("decode", outputs[0], 1.0), ("aux", outputs[1], aux_weight)):
         labels = _check(logits, target)
         full = upsample_logits(logits, labels.shape[-2:], align_corners)  # once for the loss and the accuracy

@@ -54,6 +54,7 @@ class ModelMeta:
     source_file: Optional[str] = None
     source_sha256: Optional[str] = None
     extra: Dict[str, Any] = field(default_factory=dict)  # e.g. train_iters, best_iter, best_mIoU, mmseg_version
+    class_weights: Optional[Tuple[float, ...]] = None  # the loss's class weights a training run used (optional)
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
@@ -64,6 +65,9 @@ class ModelMeta:
             raise MetadataError(f"'palette' has {len(self.palette)} colours but num_classes is {self.num_classes}")
         if 0 <= self.ignore_index < self.num_classes:
             raise MetadataError(f"ignore_index {self.ignore_index} is also a class index (0..{self.num_classes - 1})")
+        if self.class_weights is not None and len(self.class_weights) != self.num_classes:
+            raise MetadataError(f"'class_weights' has {len(self.class_weights)} values but num_classes is "
+                                f"{self.num_classes}")
 
     @classmethod
     def for_variant(cls, config: VariantConfig, num_classes: Optional[int] = None,
@@ -115,6 +119,8 @@ class ModelMeta:
             out["source_file"] = self.source_file
         if self.source_sha256:
             out["source_sha256"] = self.source_sha256
+        if self.class_weights is not None:
+            out["class_weights"] = json.dumps([float(w) for w in self.class_weights])
         for key, value in self.extra.items():
             out[key] = value if isinstance(value, str) else json.dumps(value)
         return out
@@ -173,15 +179,21 @@ class ModelMeta:
             raise MetadataError(f"{where}: bad test settings: {exc}") from None
         known = {"format", "format_version", "isa_triton_version", "variant", "num_classes", "classes", "palette",
                  "ignore_index", "reduce_zero_label", "mean", "std", "align_corners", "test_mode", "test_scale_wh",
-                 "test_crop_hw", "test_stride_hw", "ms_flip_ratios", "source_file", "source_sha256", "depth"}
+                 "test_crop_hw", "test_stride_hw", "ms_flip_ratios", "source_file", "source_sha256", "depth",
+                 "class_weights"}
         extra = {k: v for k, v in metadata.items() if k not in known}
+        class_weights = read("class_weights")
+        if class_weights is not None and (not isinstance(class_weights, list) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) for w in class_weights)):
+            raise MetadataError(f"{where}: 'class_weights' must be a JSON list of numbers")
         try:
             return cls.for_variant(
                 config, num_classes, classes, palette, test=test,
                 ignore_index=int(read("ignore_index", 255)),
                 reduce_zero_label=bool(read("reduce_zero_label", config.reduce_zero_label and
                                             num_classes == config.num_classes)),
-                source_file=metadata.get("source_file"), source_sha256=metadata.get("source_sha256"), extra=extra)
+                source_file=metadata.get("source_file"), source_sha256=metadata.get("source_sha256"), extra=extra,
+                class_weights=None if class_weights is None else tuple(float(w) for w in class_weights))
         except MetadataError as exc:
             raise MetadataError(f"{where}: {exc}") from None
 

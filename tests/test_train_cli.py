@@ -39,7 +39,33 @@ def test_recipe_overrides_and_finetune_defaults():
                                  "--num-classes", "4", "--lr", "0.001", "--checkpoint-interval", "10"))
     assert (cfg.dataset, cfg.data_root, cfg.weights, cfg.num_classes) == ("folder", "mine", "auto", 4)
     assert cfg.crop_size == (256, 320) and cfg.img_scale == (1280, 256)
-    assert (cfg.iters, cfg.batch_size, cfg.lr, cfg.checkpoint_interval, cfg.eval_every) == (50, 2, 0.001, 10, 5)
+    assert (cfg.iters, cfg.batch_size, cfg.lr, cfg.checkpoint_interval, cfg.eval_every) == (50, 2, 0.001, 10, 50)
+
+
+@pytest.mark.parametrize("iters, every", [(10, 50), (40, 50), (500, 50), (2000, 200), (40000, 4000)])
+def test_short_runs_evaluate_and_checkpoint_at_most_every_50_iterations(iters, every):
+    cfg = config_from_args(_args("--model", "isanet_r50-d8_512x512_20k_voc12aug", "--data", "d", "--iters", str(iters)))
+    assert cfg.eval_every == cfg.checkpoint_every == every
+    assert config_from_args(_args("--model", "isanet_r50-d8_512x512_20k_voc12aug", "--data", "d", "--iters", "10",
+                                  "--eval-interval", "2")).eval_every == 2  # an explicit interval is kept
+
+
+def test_keep_checkpoints_defaults_to_2_and_takes_all():
+    finetune = ("--model", "isanet_r50-d8_512x512_20k_voc12aug", "--data", "d")
+    assert config_from_args(_args(*finetune)).keep_checkpoints == 2
+    assert config_from_args(_args(*finetune, "--keep-checkpoints", "all")).keep_checkpoints == 0
+    assert config_from_args(_args(*finetune, "--keep-checkpoints", "5")).keep_checkpoints == 5
+    with pytest.raises(SystemExit):
+        _args(*finetune, "--keep-checkpoints", "-1")
+
+
+def test_resume_names_each_changed_field_and_allows_schedule_and_logging_changes():
+    saved = TrainConfig.for_finetune("isanet_r50-d8_512x512_20k_voc12aug", "d", crop_size=(64, 64)).to_dict()
+    cfg = TrainConfig.for_finetune("isanet_r50-d8_512x512_20k_voc12aug", "./d", crop_size=(64, 96), lr=0.5,
+                                   iters=10, log_interval=1, work_dir="elsewhere", resume=True)
+    refused, allowed = cfg.resume_differences(saved)
+    assert refused == ["crop_size: [64, 64] -> [64, 96]", "img_scale: [256, 64] -> [384, 64]", "lr: 0.01 -> 0.5"]
+    assert allowed == ["iters: 2000 -> 10", "log_interval: 10 -> 1"]
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -142,7 +142,7 @@ def evaluate(model: torch.nn.Module | Segmenter, dataset: Any, *, settings: Test
     position = 0
     try:
         bar = tqdm(total=len(mine), desc="eval" + (" ms+flip" if tta else ""), unit="img",
-                   disable=not progress or rank != 0, dynamic_ncols=True)
+                   disable=not progress or rank != 0, dynamic_ncols=True, leave=None)  # nested: leaves no line
         for samples in loader:
             for group in same_size_groups([image.shape for image, _, _ in samples]):
                 images = torch.stack([samples[i][0].as_subclass(torch.Tensor) for i in group])

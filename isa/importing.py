@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -57,6 +58,8 @@ def model_card(weights: str | Path, repo_id: str, license: str = "apache-2.0",
     from zoo.metadata import ModelMeta
     from zoo.reader import read_metadata
 
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", license):
+        raise UsageError(f"--license {license!r}: give a license id such as apache-2.0, mit, cc-by-4.0 or other")
     raw = read_metadata(weights)
     meta = ModelMeta.from_metadata(raw, where=str(weights))
     cfg = meta.config
@@ -106,7 +109,8 @@ def model_card(weights: str | Path, repo_id: str, license: str = "apache-2.0",
     else:
         lines.append("- none recorded in the weights")
     lines += ["", "## Classes", "", "| index | class | colour |", "|---|---|---|"]
-    lines += [f"| {i} | {name} | {list(colour)} |" for i, (name, colour) in enumerate(zip(meta.classes, meta.palette))]
+    lines += [f"| {i} | {name.replace('|', chr(92) + '|')} | {list(colour)} |"
+              for i, (name, colour) in enumerate(zip(meta.classes, meta.palette))]
     lines += ["", f"ignore index: {meta.ignore_index}" + (", reduce_zero_label" if meta.reduce_zero_label else ""), ""]
     return "\n".join(lines)
 

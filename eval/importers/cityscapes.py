@@ -57,7 +57,8 @@ def import_cityscapes(root: PathLike, *, splits: tuple[str, ...] = ("train", "va
     root = Path(root)
     gt = root / "gtFine"
     if not gt.is_dir():
-        raise ImportDataError(f"{root}: no gtFine/ folder; ROOT must be the Cityscapes download (gtFine/, leftImg8bit/)")
+        raise ImportDataError(f"{root}: no gtFine/ folder; ROOT must be the Cityscapes download "
+                              "(gtFine/, leftImg8bit/)")
     written: dict[str, int] = {}
     errors: list[str] = []
     for split in splits:

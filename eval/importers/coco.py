@@ -12,13 +12,13 @@ Rules (what the masks mean):
   overlap the smaller one wins, and an instance wins over a crowd region.
 * Images without annotations are kept as background (``empty="keep"``) or left out (``empty="skip"``).
 * Splits: a file whose name says ``val``/``valid``/``validation`` or ``test`` (or whose folder is named so)
-  gives that split,
-  any other ``train``; ``split=`` names it; ``val_fraction`` with ``seed`` splits one file's images instead.
+  gives that split, any other ``train``; ``split=`` names it; ``val_fraction`` with ``seed`` splits one
+  file's images instead.
 
 A polygon with fewer than 3 points, an RLE whose size or run lengths do not match its image, an unknown
 category or image id and a missing or undecodable image file are refused, named with the file and the
-id; ``skip_invalid=True`` leaves such images out whole (each is printed) instead. RLE run lengths are checked before ``pycocotools`` decodes them (its decoder
-trusts them). Needs the optional extra ``coco`` (``pip install 'isa-triton[coco]'``).
+id; ``skip_invalid=True`` leaves such images out whole (each is printed) instead. RLE run lengths are
+checked before ``pycocotools`` decodes them (its decoder trusts them). Needs the optional extra ``coco`` (``pip install 'isa-triton[coco]'``).
 
 >>> report = import_coco("annotations/instances_train.json", "images", "my_data")   # doctest: +SKIP
 """

@@ -125,7 +125,7 @@ def import_rows(splits: Mapping[str, Iterable[Mapping[str, Any]]], out: PathLike
                                          f"{IGNORE}; give all class names with --classes")
                     if reduce_zero_label:  # written reduced: the folder's masks are class indices as they are
                         mask = np.where(mask == 0, IGNORE, np.where(mask == IGNORE, IGNORE, mask - 1)).astype(np.uint8)
-                    # the PNG palette only makes masks viewable; the VOC colour map's first K colours are the K-class one
+                    # the PNG palette only makes masks viewable (the VOC colour map: its first K are the K-class one)
                     writer.add(assign[name] if val_fraction else target, name, image, mask, where, default_palette(255))
                 except (ValueError, OSError) as err:
                     errors.append(str(err))

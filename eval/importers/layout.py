@@ -73,8 +73,8 @@ class LayoutWriter:
             if not self.out.is_dir():
                 raise ImportDataError(f"--out {self.out} exists and is not a folder")
             if any(self.out.iterdir()) and not (self.out / MARKER).is_file():
-                raise ImportDataError(f"--out {self.out} is not empty and was not written by `isa import` (no {MARKER});"
-                                      " choose a new or empty folder")
+                raise ImportDataError(f"--out {self.out} is not empty and was not written by `isa import` "
+                                      f"(no {MARKER}); choose a new or empty folder")
         self.source = source
         self.stage = self.out.parent / f".{self.out.name}.importing-{os.getpid()}"
         if self.stage.exists():

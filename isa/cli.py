@@ -138,7 +138,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"isa {args.command}: interrupted (Ctrl-C); files already written are complete", file=sys.stderr)
         return 130
     except (KeyError, ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        message = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
+        if message.startswith("Caught ") and "Original Traceback" in message:  # raised in a DataLoader worker
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]  # its own message, not the traceback
         print(f"isa {args.command}: error: {message}", file=sys.stderr)
         return 2 if isinstance(exc, (KeyError, UsageError)) else 1
 

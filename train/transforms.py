@@ -100,12 +100,11 @@ class RandomRescale(_Transform):
         if min(h, w) <= 0 or min(target_wh) <= 0:
             raise ValueError(f"cannot rescale an image of {h}x{w} (h x w) to the scale {self.img_scale_wh} (w, h) "
                              f"times ratio {ratio:.4g} (ratio range {self.ratio_range}): a side would be 0")
-        size_hw = rescale_size((h, w), target_wh)
-        if min(size_hw) < 1:
-            raise ValueError(f"an image of {h}x{w} (h x w) rescaled to the scale {self.img_scale_wh} (w, h) times "
-                             f"ratio {ratio:.4g} (ratio range {self.ratio_range}) would be {size_hw[0]}x{size_hw[1]}: "
-                             "a side of 0. Its aspect ratio is too extreme for this scale; crop or pad the image, "
-                             "or leave it out")
+        try:
+            size_hw = rescale_size((h, w), target_wh)
+        except ValueError as err:  # a side of 0: say which draw of which range
+            raise ValueError(f"{err} (img_scale {self.img_scale_wh} (w, h) times ratio {ratio:.4g} of the ratio range "
+                             f"{self.ratio_range})") from err
         return {"ratio": ratio, "size_hw": size_hw}
 
     def transform(self, inpt: Any, params: Dict[str, Any]) -> Any:

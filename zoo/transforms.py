@@ -57,7 +57,11 @@ def rescale_size(size_hw: Sequence[int], scale: float | Sequence[int]) -> tuple[
         if len(scale) != 2 or min(scale) <= 0:
             raise ValueError(f"rescale_size: scale must be a positive factor or a (w, h) pair, got {scale!r}")
         factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    return int(h * factor + 0.5), int(w * factor + 0.5)
+    out = int(h * factor + 0.5), int(w * factor + 0.5)
+    if min(out) < 1:  # an extreme aspect ratio: refuse here, not as a 0-sized tensor further on
+        raise ValueError(f"an image of {h}x{w} (h x w) rescaled to the scale {scale} would be {out[0]}x{out[1]}: a side "
+                         "of 0. Its aspect ratio is too extreme for this scale; crop or pad the image, or leave it out")
+    return out
 
 
 def resize_image(image: torch.Tensor, size_hw: Sequence[int]) -> torch.Tensor:

@@ -104,6 +104,11 @@ def annotation_mask(ann: dict[str, Any], height: int, width: int, where: str) ->
             if len(poly) < 6 or len(poly) % 2:
                 raise ValueError(f"{where}: polygon {i} has {len(poly) / 2:g} points; a polygon needs 3 or more "
                                  "(x, y) pairs")
+            xs, ys = poly[0::2], poly[1::2]
+            # pycocotools' rasteriser walks every edge at 5x: far-away points would cost unbounded time and memory
+            if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
+                raise ValueError(f"{where}: polygon {i} has points far outside the {width}x{height} image "
+                                 f"(x {min(xs):g}..{max(xs):g}, y {min(ys):g}..{max(ys):g})")
         rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
     elif isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")

@@ -78,6 +78,10 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: dict[str, Any], value: int, whe
     """Paint one labelme shape with ``value`` (the module's rules); ValueError names ``where`` if malformed."""
     kind = shape.get("shape_type") or "polygon"
     pts = _points(shape, where)
+    width, height = draw.im.size
+    if pts and (min(x for x, _ in pts) < -width or max(x for x, _ in pts) > 2 * width
+                or min(y for _, y in pts) < -height or max(y for _, y in pts) > 2 * height):
+        raise ValueError(f"{where}: points far outside the {width}x{height} image")
     if kind == "polygon":
         if len(pts) < 3:
             raise ValueError(f"{where}: polygon has {len(pts)} point(s); a polygon needs 3 or more")

@@ -181,7 +181,7 @@ def test_coco_without_background_ignores_uncovered_pixels(coco, tmp_path):
     (lambda d: d["annotations"][2]["segmentation"].update(counts="0:"), "run lengths"),
     (lambda d: d["images"][0].update(height=41), "a.png"),
     (lambda d: d["images"][0].update(file_name="../instances_train.json"), "must be a relative path inside"),
-    (lambda d: d["annotations"][0].update(segmentation=[[0, 0, 1e9, 0, 0, 5]]), "annotation id 1 (image id 1"),
+    (lambda d: d["annotations"][0].update(segmentation=[[0, 0, 1e9, 0, 0, 5]]), "polygon 0 has points far outside"),
 ])
 def test_malformed_coco_is_refused_naming_the_file_and_the_id(coco, tmp_path, change, message):
     ann, images = coco

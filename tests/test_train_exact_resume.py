@@ -76,7 +76,7 @@ def test_sigint_in_a_step_an_evaluation_and_a_checkpoint_write_then_resume_is_ex
                 # Ctrl-C after the evaluation's data loader has started (it has drawn its seed) and the first
                 # image is read: the evaluation of iteration 4, the first one of the run resumed at 3
                 patch.delenv("ISA_TRAIN_INTERRUPT_AT", raising=False)
-                patch.setattr(evaluate_module, "predict_label_map", _interrupting(evaluate_module.predict_label_map))
+                patch.setattr(evaluate_module, "view_logits", _interrupting(evaluate_module.view_logits))
             else:
                 patch.setenv("ISA_TRAIN_INTERRUPT_AT", where)
             with pytest.raises(TrainingInterrupted) as info:

@@ -91,6 +91,11 @@ def add_parsers(subparsers: Any) -> None:
                         "CPU without the PyTorch model (pip install -e '.[export]') [torch]")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                    help=f"refuse larger images (decompression-bomb guard) [{MAX_PIXELS}; 0: no limit]")
+    p.add_argument("--batch-size", type=int, default=4, metavar="N",
+                   help="consecutive images of the same size per forward pass (photos over 8 megapixels run "
+                        "alone); in slide mode also windows per pass [4]")
+    p.add_argument("--workers", "--num-workers", dest="workers", type=int, default=2,
+                   help="DataLoader workers decoding the next images while the network runs [2]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_predict)
 
@@ -241,8 +246,11 @@ def run_predict(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.classes} lists {names.num_classes} classes, the model predicts "
                              f"{segmenter.num_classes}")
         classes, palette = names.classes, names.palette
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    segmenter.batch_size = args.batch_size
     records = predict_files(segmenter, args.inputs, args.out_dir, tta=args.tta, alpha=args.alpha, classes=classes,
-                            palette=palette, progress=not args.no_progress)
+                            palette=palette, progress=not args.no_progress, num_workers=args.workers)
     print(f"wrote {2 * len(records)} files (<name>_mask.png, <name>_overlay.png) to {args.out_dir}/")
     return 0
 

@@ -290,6 +290,9 @@ def test_cityscapes_train_ids_equal_cityscapesscripts_and_originals_stay(tmp_pat
     reference = np.asarray(Image.open(REF / f"{STEM}_gtFine_labelTrainIds.png"))
     np.testing.assert_array_equal(got, reference)
     assert src.read_bytes() == before
+    written = (gt / f"{STEM}_gtFine_labelTrainIds.png").read_bytes()
+    import_cityscapes(root)  # again: the same bytes
+    assert (gt / f"{STEM}_gtFine_labelTrainIds.png").read_bytes() == written
     # the package's own id2label table, including the license plate's -1, as an 8-bit file stores ids
     from eval.importers.cityscapes import train_id_table
     table = json.loads((REF / "id2trainid.json").read_text())

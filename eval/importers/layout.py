@@ -7,7 +7,7 @@ ignore_index): what :class:`eval.datasets.FolderDataset`, ``isa check-data`` and
 Everything is written into a staging folder beside ``OUT`` and renamed into place at the end, so an
 interrupted import leaves no half dataset; running the same import again replaces a folder that an
 earlier import wrote (it holds ``.isa-import.json``) with identical bytes, and refuses any other
-non-empty folder. JPEG and PNG bytes are copied unchanged after they decode through :mod:`zoo.images` (no
+non-empty folder (a killed import may leave ``.OUT.importing-PID`` beside it: safe to delete). JPEG and PNG bytes are copied unchanged after they decode through :mod:`zoo.images` (no
 re-encoding; an EXIF rotation stays in the file and the readers apply it, as annotation tools show
 photos upright); other formats are written as PNGs of the upright pixels.
 """

@@ -99,8 +99,8 @@ def heatmap(matrix: torch.Tensor, classes: Sequence[str], *, max_classes: int = 
     column = Image.new("RGB", (text_w, n * cell), (255, 255, 255))
     col_draw = ImageDraw.Draw(column)
     for j, name in enumerate(names):
-        col_draw.text((text_w - 4 - int(probe.textlength(name, font=font)), j * cell + (cell - size) // 2),
-                      name, fill=(0, 0, 0), font=font)
+        # rotated a quarter turn anticlockwise below: text starting at x=4 ends up starting next to the cells
+        col_draw.text((4, j * cell + (cell - size) // 2), name, fill=(0, 0, 0), font=font)
     image.paste(column.rotate(90, expand=True), (left, top - text_w))
     rows = shown.sum(dim=1)
     for i, name in enumerate(names):

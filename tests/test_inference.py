@@ -164,3 +164,22 @@ def test_bfloat16_autocast_runs_and_mostly_agrees():
 def test_bad_image_shape_is_rejected():
     with pytest.raises(ValueError, match="RGB image"):
         segment_probs(PointwiseModel(), torch.zeros(1, 3, 8, 8, dtype=torch.uint8), TestSettings(scale_wh=(8, 8)))
+
+
+def test_slide_windows_batched_equal_one_window_at_a_time():
+    """Windows of one image (and of two images) run as batches: the same canvas to fp32 rounding, same argmax."""
+    model = CoarseModel().eval()
+    x = torch.randn(2, 3, 40, 70)
+    with torch.no_grad():
+        one = slide_inference(model.forward_logits, x, (24, 24), (16, 16))
+        assert len(slide_windows(40, 70, (24, 24), (16, 16))) == 3 * 5
+        for window_batch in (3, 4, 16, 100):  # uneven last chunk, several images per pass
+            for images in (x[:1], x):
+                got = slide_inference(model.forward_logits, images, (24, 24), (16, 16), window_batch=window_batch)
+                want = one[:images.shape[0]]
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+                assert torch.equal(got.argmax(1), want.argmax(1))
+    calls = []
+    slide_inference(lambda t: calls.append(t.shape[0]) or model.forward_logits(t), x[:1], (24, 24), (16, 16),
+                    window_batch=4)
+    assert calls == [4, 4, 4, 3]  # 15 windows, 4 per forward pass

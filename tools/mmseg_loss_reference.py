@@ -29,8 +29,8 @@ ignore_index=255)`):
   class, -(1-alpha) p^g log(1-p) otherwise) run through MMSeg's `sigmoid_focal_loss` wrapper.
 - lovasz_batch: `LovaszLoss(per_image=False, reduction='none')` (1.2.2 asserts 'none' there; the value is
   one number; 1.2.2's Lovasz only runs in float32, so these cases take the float32 cast of the logits and
-  their gradient is w.r.t. the float64 logits through that cast); lovasz_per_image: `per_image=True, reduction='mean'`; lovasz_all_weighted: classes='all'
-  with class weights.
+  their gradient is w.r.t. the float64 logits through that cast); lovasz_per_image: `per_image=True,
+  reduction='mean'`; lovasz_all_weighted: classes='all', per image, summed, with class weights.
 - ohem_thresh, ohem_thresh_min_kept, ohem_topk: `OHEMPixelSampler(context, thresh, min_kept).sample(logits,
   labels[:, None])` with a context holding ignore_index=255 and the CE module(s), then the CE terms with
   that weight (as `BaseDecodeHead.loss_by_feat`).

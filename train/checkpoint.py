@@ -48,7 +48,8 @@ def fault_point(stage: str, iteration: int) -> None:
     """Fault injection for the crash tests: signal this process at a chosen point.
 
     ISA_TRAIN_KILL_AT="iter:N" sends SIGKILL during iteration N (after its backward, before the optimizer
-    step); "write:N" after checkpoint N's temporary file is written, before its rename.
+    step); "write:N" after checkpoint N's temporary file is written, before its rename; "micro:N" between the
+    first two micro-batches of iteration N (--accum-steps).
     ISA_TRAIN_INTERRUPT_AT takes the same values and sends SIGINT instead (a Ctrl-C at that point).
     """
     import signal

@@ -160,6 +160,7 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
         log.info("frozen: %s", ", ".join(frozen))
     if ctx.distributed:
         model = D.convert_sync_batchnorm(model, device)
+        tuning.apply_freezing(model, cfg.freeze_bn, cfg.freeze_backbone)  # the SyncBatchNorm copies stay frozen
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
     inner = model.module if ctx.distributed else model
@@ -348,12 +349,11 @@ def train_step(run: Run, images: Any, labels: Any, iteration: int,
             run.scaler.scale(loss).backward()
         if not last:
             ckpt.fault_point("micro", iteration)  # between two micro-batches of iteration `iteration`
-    reduced = [stop_votes]
     ckpt.fault_point("iter", iteration)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
-    return values, reduced[-1] > 0
+    return values, stop_votes > 0
 
 
 def evaluate_run(run: Run, iteration: int, interruptible: Any = None) -> Dict[str, Any]:

@@ -65,6 +65,51 @@ def make_synthetic_dataset(root: Union[str, os.PathLike], num_train: int = 16, n
     return root
 
 
+RARE_COLOUR = (180, 70, 110)  # near the squares' red family: colour alone barely tells the rare disc apart
+
+
+def _imbalanced_sample(rng: np.random.Generator, h: int, w: int, rare_share: float) -> Tuple[np.ndarray, np.ndarray]:
+    image = rng.normal(110, 25, size=(h, w, 3)) + rng.uniform(-30, 30, size=3)
+    mask = np.zeros((h, w), dtype=np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for _ in range(int(rng.integers(2, 5))):
+        size = int(rng.integers(max(h, w) // 8, max(h, w) // 3))
+        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+        region = (abs(yy - cy) <= size // 2) & (abs(xx - cx) <= size // 2)
+        colour = np.array(PALETTE[1], dtype=np.float64) + rng.normal(0, 15, size=3)
+        image[region] = colour + rng.normal(0, 12, size=(int(region.sum()), 3))
+        mask[region] = 1
+    # one small disc whose area is about rare_share of the image, drawn last
+    radius = np.sqrt(rare_share * h * w / np.pi) * rng.uniform(0.8, 1.2)
+    cy, cx = int(rng.integers(int(radius), h - int(radius))), int(rng.integers(int(radius), w - int(radius)))
+    region = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+    colour = np.array(RARE_COLOUR, dtype=np.float64) + rng.normal(0, 15, size=3)
+    image[region] = colour + rng.normal(0, 12, size=(int(region.sum()), 3))
+    mask[region] = 2
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def make_imbalanced_dataset(root: Union[str, os.PathLike], num_train: int = 24, num_val: int = 8,
+                            size_hw: Sequence[int] = (96, 128), rare_share: float = 0.005, seed: int = 0) -> Path:
+    """Like `make_synthetic_dataset`, but class 2 (disc) is one small disc per image, about `rare_share` of
+    the pixels (0.5 %), in a colour near the squares': the class-imbalance case of the README's fine-tuning
+    example (`isa train --class-weights auto`)."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    h, w = int(size_hw[0]), int(size_hw[1])
+    for split, count in (("train", num_train), ("val", num_val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "masks" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            image, mask = _imbalanced_sample(rng, h, w, rare_share)
+            Image.fromarray(image).save(root / "images" / split / f"img_{i:03d}.png")
+            Image.fromarray(mask, mode="L").save(root / "masks" / split / f"img_{i:03d}.png")
+    palette = [list(PALETTE[0]), list(PALETTE[1]), list(RARE_COLOUR)]
+    spec = {"classes": list(CLASSES), "palette": palette, "ignore_index": 255}
+    (root / "dataset.json").write_text(json.dumps(spec, indent=1))
+    return root
+
+
 
 # --------------------------------------------------------------------------------------------------
 # procedural scenes (`isa demo`)

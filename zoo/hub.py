@@ -10,6 +10,11 @@ Offline: copy the original `.pth` to `<cache>/<original file name>`; it is hash-
 converted on first use without any network access. `$ISA_HUB_URL` replaces the URL base
 `https://download.openmmlab.com/mmsegmentation/v0.5/isanet` (a mirror with the same
 `<variant>/<file>` layout).
+
+Hugging Face: `hf-hub:OWNER/REPO[@REV]` (`hf_hub_weights`) loads the `model.safetensors` that `isa push`
+uploads, through huggingface_hub's own cache, offline mode and token; `$ISA_HF_MIRROR=OWNER/REPO[@REV]`
+makes `weights="auto"` take `<variant>.safetensors` from such a repo (`mirror_weights`, checked against
+the published sha256 the file records) instead of the URL. Both need the optional extra `hub`.
 """
 from __future__ import annotations
 

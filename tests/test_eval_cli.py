@@ -101,3 +101,89 @@ def test_eval_refuses_weights_whose_classifier_would_be_reinitialised(tmp_path, 
                  "--test-scale", "64", "32", "--workers", "0", "--no-progress"])
     assert code == 1
     assert "predicts 19 classes" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- metrics, files, pictures, batches, torchrun
+
+def _weights_for_3_classes(tmp_path):
+    import torch
+    import zoo
+    from zoo.weights import convert_checkpoint
+
+    torch.manual_seed(0)
+    src = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": zoo.create_model(MODEL, num_classes=3).state_dict()}, src)
+    return convert_checkpoint(src, tmp_path / "w3.safetensors", MODEL, num_classes=3)
+
+
+def test_isa_eval_writes_metrics_tables_confusion_and_error_pictures(tmp_path, capsys):
+    make_dataset(tmp_path / "data", sizes=((32, 48), (32, 48), (40, 40)))
+    out = tmp_path / "res" / "results.json"
+    code = main(["eval", "--model", MODEL, "--weights", "none", "--data", str(tmp_path / "data"),
+                 "--img-scale", "64", "32", "--device", "cpu", "--workers", "0", "--batch-size", "2",
+                 "--metrics", "mIoU", "mDice", "mFscore", "--beta", "2", "--save-errors", "2", "--out", str(out),
+                 "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Fscore" in printed and "mDice" in printed and "fwIoU" in printed and "most confused" in printed
+    result = json.loads(out.read_text())
+    assert result["metrics"] == ["mIoU", "mDice", "mFscore"] and result["beta"] == 2.0
+    assert {"mDice", "mFscore", "mPrecision", "mRecall", "fwIoU", "Share"} <= set(result)
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == [
+        "confusion.csv", "confusion.png", "errors", "per_class.csv", "per_image.csv", "results.json"]
+    assert len(list((tmp_path / "res/errors").iterdir())) == 2
+    header = (tmp_path / "res/per_class.csv").read_text().splitlines()[0]
+    assert header.startswith("class,index,IoU,Acc,Dice,Fscore,Precision,Recall,Share")
+    assert len((tmp_path / "res/per_image.csv").read_text().splitlines()) == 4
+    assert Image.open(tmp_path / "res/confusion.png").mode == "RGB"
+
+
+def test_isa_eval_refuses_save_errors_without_a_folder(tmp_path, capsys):
+    make_dataset(tmp_path / "data")
+    code = main(["eval", "--model", MODEL, "--weights", "none", "--data", str(tmp_path / "data"), "--device", "cpu",
+                 "--save-errors", "3"])
+    assert code == 2 and "--errors-dir" in capsys.readouterr().err
+
+
+def test_isa_eval_under_torchrun_writes_the_results_of_one_process(tmp_path, child_env):
+    """2 gloo processes (each half of the images) vs 1 process: the same results JSON, byte for byte."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    make_dataset(tmp_path / "data", sizes=((32, 48), (40, 40), (32, 48)))
+    weights = _weights_for_3_classes(tmp_path)
+    common = ["-m", "isa", "eval", "--weights", str(weights), "--data", str(tmp_path / "data"), "--img-scale",
+              "64", "32", "--device", "cpu", "--workers", "0", "--batch-size", "2", "--metrics", "mIoU", "mDice",
+              "mFscore", "--no-progress"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = subprocess.Popen([*torchrun, *common, "--out", str(tmp_path / "two/results.json")], env=child_env(),
+                           cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one/results.json")], env=child_env(),
+                         cwd=repo, capture_output=True, text=True, timeout=300)
+    log, _ = two.communicate(timeout=300)
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert two.returncode == 0, log
+    a = (tmp_path / "one/results.json").read_text()
+    b = (tmp_path / "two/results.json").read_text()
+    assert json.loads(a)["num_images"] == 3 and len(json.loads(a)["per_image"]) == 3
+    assert a == b
+    for name in ("per_class.csv", "per_image.csv", "confusion.csv"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
+    assert log.count("| thing") == 1  # only rank 0 prints the table
+
+
+def test_isa_predict_batches_give_the_masks_of_batch_size_one(tmp_path):
+    make_dataset(tmp_path / "data", sizes=((32, 48), (32, 48), (32, 48), (40, 40)))
+    weights = _weights_for_3_classes(tmp_path)  # the same network both times
+    masks = {}
+    for batch in ("1", "3"):
+        code = main(["predict", "--weights", str(weights), str(tmp_path / "data/images/val"),
+                     "--out", str(tmp_path / batch), "--img-scale", "64", "32", "--device", "cpu", "--no-progress",
+                     "--batch-size", batch, "--workers", "1" if batch == "3" else "0"])
+        assert code == 0
+        masks[batch] = {p.name: np.array(Image.open(p)) for p in sorted((tmp_path / batch).glob("*_mask.png"))}
+    assert len(masks["1"]) == 4 and masks["1"].keys() == masks["3"].keys()
+    for name in masks["1"]:
+        assert np.array_equal(masks["1"][name], masks["3"][name]), name

@@ -358,3 +358,26 @@ def test_an_imported_dataset_fine_tunes_with_isa_train_and_no_other_step(coco, t
                  "--work-dir", str(run)]) == 0
     meta = read_metadata(run / "model.safetensors")
     assert json.loads(meta["classes"]) == ["background", "person", "car", "dog"]
+
+
+def test_an_exif_rotated_photo_is_copied_as_is_and_read_upright_like_the_annotation(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    photo = Image.fromarray(np.random.default_rng(3).integers(0, 256, (H, W, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored W x H, shown (and annotated) rotated: H x W becomes W x H
+    photo.save(images / "r.jpg", exif=exif.tobytes())
+    box = {"size": [W, H], "counts": [0, 10, W * H - 10]}  # the upright image is W rows x H columns
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "r.jpg", "height": W, "width": H}],
+                               "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                                                "segmentation": box}],
+                               "categories": [{"id": 1, "name": "thing"}]}))
+    assert import_coco(ann, images, tmp_path / "out").ok
+    assert (tmp_path / "out/images/train/r.jpg").read_bytes() == (images / "r.jpg").read_bytes()
+    image, mask, _ = FolderDataset(tmp_path / "out", "train")[0]
+    assert tuple(image.shape) == (3, W, H) and tuple(mask.shape) == (W, H) and int(mask[:10, 0].min()) == 1
+    ann.write_text(ann.read_text().replace(f'"height": {W}, "width": {H}', f'"height": {H}, "width": {W}')
+                   .replace(f'"size": [{W}, {H}]', f'"size": [{H}, {W}]'))
+    with pytest.raises(ImportDataError, match=rf"r.jpg\): the image is {W}x{H} \(h x w, upright\)"):
+        import_coco(ann, images, tmp_path / "out2")

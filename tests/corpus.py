@@ -166,7 +166,7 @@ def make_corpus(seed: int = 0) -> List[Case]:
         Case("bmp_huge", "image", ".png", _bmp_huge(), "megapixels"),
         Case("text_named_png", "image", ".png", b"this is not an image\n" * 4, "not a PNG"),
         Case("empty_file", "image", ".png", b"", "not a PNG"),
-        Case("extreme_aspect", "image", ".png", encode(photo(rng, 2, 600)), "side of 0"),
+        Case("extreme_aspect", "image", ".png", encode(photo(rng, 1, 600)), "side of 0"),
     ]
     mask = label_map(h, w)
     cases += _png_cases("mask", "mask", mask, rng)
@@ -194,7 +194,7 @@ def make_dataset(root: Path, case: Optional[Case], seed: int = 0) -> Path:
     image_suffix = case.suffix if case is not None and case.role == "image" else ".png"
     image, mask, mask_suffix = clean_image, clean_mask, ".png"
     if case is not None and case.name == "extreme_aspect":
-        mask = encode(label_map(2, 600))
+        mask = encode(label_map(1, 600))
     if case is not None and case.role == "image":
         image = case.data
     elif case is not None:

@@ -93,12 +93,14 @@ def evaluate(model: torch.nn.Module | Segmenter, dataset: Any, *, settings: Test
     evaluates the first N images only (periodic checks during training). ``save_preds`` writes each label map
     as a palette PNG ``<dir>/<name>.png`` (class indices 0..K−1, i.e. without ADE's +1 submission offset).
     ``save_errors`` N writes the N images of lowest mIoU as error pictures (:func:`eval.pictures.error_picture`)
-    ``<errors_dir>/<NNN>_<name>.png``, NNN = 001 for the worst. The model is put in eval mode and its previous mode restored.
+    ``<errors_dir>/<NNN>_<name>.png``, NNN = 001 for the worst. The model is put in eval mode and its
+    previous mode restored.
 
     >>> from zoo import Segmenter                                                       # doctest: +SKIP
     >>> from eval.datasets import build_dataset                                         # doctest: +SKIP
     >>> seg = Segmenter("isanet_r50-d8_512x1024_40k_cityscapes", weights="auto")        # doctest: +SKIP
-    >>> evaluate(seg, build_dataset("cityscapes", "data/cityscapes"), metrics=["mIoU", "mDice"])["mDice"]  # doctest: +SKIP
+    >>> report = evaluate(seg, build_dataset("cityscapes", "data/cityscapes"), metrics=["mIoU", "mDice"])  # doctest: +SKIP
+    >>> report["mDice"], report.confusion.shape                                         # doctest: +SKIP
     """
     if getattr(dataset, "transforms", None) is not None:
         raise ValueError(f"evaluate() needs the raw images and masks, but {dataset!r} has transforms; build the "

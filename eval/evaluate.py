@@ -99,7 +99,8 @@ def evaluate(model: torch.nn.Module | Segmenter, dataset: Any, *, settings: Test
     >>> from zoo import Segmenter                                                       # doctest: +SKIP
     >>> from eval.datasets import build_dataset                                         # doctest: +SKIP
     >>> seg = Segmenter("isanet_r50-d8_512x1024_40k_cityscapes", weights="auto")        # doctest: +SKIP
-    >>> report = evaluate(seg, build_dataset("cityscapes", "data/cityscapes"), metrics=["mIoU", "mDice"])  # doctest: +SKIP
+    >>> val = build_dataset("cityscapes", "data/cityscapes")                             # doctest: +SKIP
+    >>> report = evaluate(seg, val, metrics=["mIoU", "mDice"], batch_size=4)            # doctest: +SKIP
     >>> report["mDice"], report.confusion.shape                                         # doctest: +SKIP
     """
     if getattr(dataset, "transforms", None) is not None:

@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import bench, demo, evaluation, export, importing, training
 
     parser = argparse.ArgumentParser(prog="isa", description="ISANet model zoo with fused Triton attention")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every library's INFO logging (anywhere on the line; quiet by default)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("list", help="list the variants (fnmatch PATTERN)")
@@ -126,14 +129,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the `isa` console script (and `python -m isa`)."""
+# the packages whose INFO lines are the program's own progress; other libraries' INFO (onnxscript's
+# optimiser passes, ...) is detail that only --verbose shows
+OWN_LOGGERS = ("isa", "zoo", "eval", "train", "isa_triton")
+
+
+class _QuietFilter(logging.Filter):
+    """Warnings from everyone; INFO only from this project's packages (everything with --verbose)."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (self.verbose or record.levelno >= logging.WARNING
+                or record.name.split(".", 1)[0] in OWN_LOGGERS)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log lines on stderr: this project's INFO and everyone's warnings; all INFO with `verbose`."""
     rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 reports progress
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        for old in [f for f in handler.filters if isinstance(f, _QuietFilter)]:
+            handler.removeFilter(old)
+        handler.addFilter(_QuietFilter(verbose))
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (`isa list | head -n 1`): stop without a word, as Unix tools do.
+
+    stdout is pointed at /dev/null so that the interpreter's last flush does not fail again; the exit
+    status is 141 (128 + SIGPIPE), what a shell reports for a tool that SIGPIPE ended (`yes | head`)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (a test's capture)
+        pass
+    return 128 + signal.SIGPIPE
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the `isa` console script (and `python -m isa`).
+
+    `--verbose` anywhere on the line shows every library's INFO logging (quiet by default)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    setup_logging(verbose)
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
     except KeyboardInterrupt:  # files are written atomically: nothing half-written is left behind
         print(f"isa {args.command}: interrupted (Ctrl-C); files already written are complete", file=sys.stderr)
         return 130

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -11,6 +15,7 @@ from isa.cli import main
 from zoo.fuse import optimize_for_inference
 
 VARIANTS_JSON = Path(zoo.__file__).with_name("variants.json")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_list_prints_one_name_a_line_with_patterns(capsys):
@@ -58,3 +63,32 @@ def test_optimized_path_matches_reference_path():
     err = (got.double() - want).norm() / want.norm()
     assert err < 1e-4, err
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 68  # original untouched
+
+
+def _isa(*args: str) -> list:
+    return [sys.executable, "-m", "isa", *args]
+
+
+def test_a_closed_pipe_ends_the_output_quietly():
+    """`isa list | head -n 1` through a real shell pipe, and a reader that is gone before the first line:
+    no traceback, no 'Broken pipe' error; the writer exits 141 (128 + SIGPIPE) like Unix tools."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    shell = subprocess.run(f"{shlex.join(_isa('list'))} | head -n 1", shell=True, capture_output=True, text=True,
+                           cwd=REPO, env=env, timeout=120)
+    assert shell.returncode == 0 and shell.stdout == zoo.list_models()[0] + "\n" and shell.stderr == ""
+    proc = subprocess.Popen(_isa("list"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=env)
+    proc.stdout.close()  # the reader is gone before the program writes
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_third_party_info_logging_is_silenced_unless_verbose(capsys):
+    import logging
+
+    from isa.cli import _QuietFilter
+
+    record = logging.LogRecord("onnx_ir.passes", logging.INFO, __file__, 1, "Removed 629 unused nodes", None, None)
+    own = logging.LogRecord("train.engine", logging.INFO, __file__, 1, "resumed", None, None)
+    warning = logging.LogRecord("onnxscript", logging.WARNING, __file__, 1, "careful", None, None)
+    assert not _QuietFilter(False).filter(record) and _QuietFilter(True).filter(record)
+    assert _QuietFilter(False).filter(own) and _QuietFilter(False).filter(warning)

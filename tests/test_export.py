@@ -86,19 +86,35 @@ def static_onnx(r50, tmp_path_factory) -> Path:
     return export_model(r50, tmp_path_factory.mktemp("static") / "r50.onnx", size=(65, 97))
 
 
+EXPORT_OUTPUT = {}
+
+
 @pytest.fixture(scope="module")
 def dynamic_onnx(r50, tmp_path_factory) -> Path:
-    """R-50 with dynamic N, H, W, written by the command line from a weights file."""
+    """R-50 with dynamic N, H, W, written by the command line (a child process, as a user runs it) from a
+    weights file; what it printed is kept in EXPORT_OUTPUT."""
     needs_onnx()
     from zoo.weights import save_weights
 
     folder = tmp_path_factory.mktemp("dynamic")
     weights = save_weights(r50.state_dict(), folder / "r50.safetensors", r50.meta)
     out = folder / "r50.onnx"
-    assert main(["export", "--weights", str(weights), "--format", "onnx", "--size", "64x64", "--dynamic",
-                 "--out", str(out)]) == 0
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "isa", "export", "--weights", str(weights), "--format", "onnx",
+                           "--size", "64x64", "--dynamic", "--out", str(out)], capture_output=True, text=True,
+                          cwd=repo, timeout=600, env=dict(os.environ, PYTHONPATH=str(repo)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    EXPORT_OUTPUT.update(stdout=done.stdout, stderr=done.stderr)
     weights.unlink()
     return out
+
+
+def test_export_says_what_it_wrote_in_at_most_five_lines(dynamic_onnx):
+    """Quiet by default: no third-party INFO logging (onnxscript's passes printed 66 lines), one success line."""
+    lines = (EXPORT_OUTPUT["stdout"] + EXPORT_OUTPUT["stderr"]).splitlines()
+    assert 1 <= len(lines) <= 5, "\n".join(lines)
+    assert sum(line.startswith("wrote ") for line in lines) == 1 and str(dynamic_onnx) in "\n".join(lines)
+    assert not any(line.startswith("INFO onnx") for line in lines)
 
 
 # --------------------------------------------------------------------------------------------------

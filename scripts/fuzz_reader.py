@@ -145,7 +145,9 @@ def _asan_build(work: Path) -> tuple:
     target = work / "native_asan.so"
     subprocess.run([cc, *native.FLAGS, "-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-o",
                     str(target), str(native.SOURCE), "-lm"], check=True)
-    runtime = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    # libstdc++ preloaded with the ASan runtime: its __cxa_throw interceptor needs it (C++ extensions throw)
+    runtime = " ".join(subprocess.run([cc, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+                       for name in ("libasan.so", "libstdc++.so.6"))
     return str(target), runtime
 
 
@@ -216,7 +218,7 @@ def main() -> int:
     print(f"fuzz_reader: {total} files in {elapsed:.0f} s{' (ASan)' if args.asan else ''}, {len(crashes)} crashes, "
           f"{len(unnamed)} unnamed exceptions, peak RSS of a child {peak / 2**20:.0f} MiB; findings under {work}")
     for name, code, tail in crashes:
-        print(f"crash: {name} (exit {code}): {tail.strip()[-300:]}")
+        print(f"crash: {name or '(before any file: the child itself)'} (exit {code}): {tail.strip()[-300:]}")
     for name, message in unnamed[:20]:
         print(f"unnamed: {name}: {message}")
     return 1 if crashes or unnamed else 0

@@ -53,6 +53,21 @@ def test_each_mistake_is_an_error_naming_the_file_and_the_value(data, capsys):
     assert "error:" in capsys.readouterr().out
 
 
+def test_an_empty_split_a_crop_larger_than_every_image_and_a_jpeg_mask_are_named(data):
+    for name in (data / "images" / "val").iterdir():
+        name.unlink()
+    report = check_dataset(data, crop_size=(64, 64))
+    assert any("val: the split is empty" in e and "images/val" in e for e in report.errors), report.errors
+    assert any("crop 64x64" in w and "largest is 40x48" in w for w in report.warnings), report.warnings
+    assert not any("the crop" in w for w in check_dataset(data, crop_size=(32, 32)).warnings)
+    mask = data / "masks" / "train" / "img_000.png"
+    Image.open(mask).save(mask.with_suffix(".jpg"), quality=95)  # labels saved as a JPEG beside a JPEG photo
+    mask.unlink()
+    text = "\n".join(check_dataset(data).errors)
+    assert "without a mask" not in text
+    assert "img_000.jpg is a lossy JPEG image" in text
+
+
 def test_mostly_ignored_splits_are_warned_about(data):
     for path in (data / "masks/val").iterdir():
         Image.fromarray(np.full((40, 48), 255, dtype=np.uint8)).save(path)

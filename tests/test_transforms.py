@@ -31,6 +31,21 @@ def test_rescale_size_rejects_bad_scales():
         rescale_size((10, 10), (1, 2, 3))
 
 
+def test_a_resize_to_a_side_of_0_is_refused_naming_the_size_and_the_ratio_range():
+    """1x600 into (128, 32): s = 128/600, h = int(0.21 + 0.5) = 0 (no inf->int cast, no 0-sized tensor)."""
+    from train.pipeline import RecipePipeline
+    from train.transforms import RandomRescale
+
+    with pytest.raises(ValueError, match=r"1x600 .* would be 0x128: a side of 0"):
+        rescale_size((1, 600), (128, 32))
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"1x600 .*a side of 0.*ratio range \(0\.5, 2\.0\)"):
+        RandomRescale((128, 32), (0.5, 2.0)).draw(1, 600)
+    image, mask = torch.zeros((3, 1, 600), dtype=torch.uint8), torch.zeros((1, 600), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"ratio range \(0\.5, 2\.0\)"):
+        RecipePipeline((32, 32), (128, 32))(image, mask)
+
+
 def cv2_linear_reference(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """cv2 INTER_LINEAR in fp64: src = (dst + 0.5)·in/out − 0.5, clamped; separable; no antialias."""
     in_h, in_w = image.shape[:2]

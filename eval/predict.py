@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from zoo.images import IMAGE_SUFFIXES, to_rgb_tensor
+from zoo.images import IMAGE_SUFFIXES, ImageError, to_rgb_tensor
 from zoo.segmenter import Segmenter
 from zoo.visualize import label_png, overlay_with_legend, save_png
 
@@ -68,7 +68,8 @@ def _one(batch: list) -> Any:
 def predict_files(segmenter: Segmenter, inputs: Sequence[str | Path], out_dir: str | Path, *, tta: bool = False,
                   alpha: float = 0.5, classes: Sequence[str] | None = None,
                   palette: Sequence[Sequence[int]] | None = None, progress: bool = True,
-                  num_workers: int = 0) -> list[dict[str, Any]]:
+                  num_workers: int = 0,
+                  on_error: Callable[[Path, ImageError], None] | None = None) -> list[dict[str, Any]]:
     """Segment every image in ``inputs``; write ``<out>/<name>_mask.png`` and ``<out>/<name>_overlay.png``.
 
     The mask is a palette PNG (pixel values = class indices, colours = the palette); the overlay blends
@@ -76,7 +77,8 @@ def predict_files(segmenter: Segmenter, inputs: Sequence[str | Path], out_dir: s
     weights' own (``segmenter.classes``/``palette``) unless ``classes``/``palette`` replace them.
     Consecutive images of the same size run as one batch of up to ``segmenter.batch_size`` (and
     ``BATCH_PIXELS`` pixels: a large photo runs alone); ``num_workers`` DataLoader workers decode the next
-    files meanwhile. Returns one record per image.
+    files meanwhile. Returns one record per image. A file the reader refuses (``zoo.images.ImageError``)
+    stops the run, or, with ``on_error``, is handed to it (path, error) and skipped.
 
     >>> from zoo import Segmenter                                                             # doctest: +SKIP
     >>> predict_files(Segmenter(weights="runs/mine/model.safetensors"), ["street.jpg"], "out")  # doctest: +SKIP
@@ -103,6 +105,10 @@ def predict_files(segmenter: Segmenter, inputs: Sequence[str | Path], out_dir: s
         pending.clear()
 
     for path, name, image in loader:
+        if isinstance(image, ImageError) and on_error is not None:
+            on_error(path, image)
+            bar.update(1)
+            continue
         if isinstance(image, Exception):
             raise image
         if pending and (image.shape != pending[0][2].shape or len(pending) >= segmenter.batch_size

@@ -96,6 +96,9 @@ def add_parsers(subparsers: Any) -> None:
                         "alone); in slide mode also windows per pass [4]")
     p.add_argument("--workers", "--num-workers", dest="workers", type=int, default=2,
                    help="DataLoader workers decoding the next images while the network runs [2]")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image [default: skip it with one line, name every skipped "
+                        "file at the end and exit 1]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_predict)
 
@@ -233,7 +236,12 @@ def _run_eval(args: argparse.Namespace, is_main: bool) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """`isa predict`: segment the inputs and write masks and overlays."""
+    """`isa predict`: segment the inputs and write masks and overlays; unreadable inputs are skipped (one line
+    each, a summary, exit 1) unless --strict."""
+    import sys
+
+    from tqdm import tqdm
+
     from eval.datasets import parse_dataset_json
     from eval.predict import predict_files
 
@@ -249,9 +257,21 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     segmenter.batch_size = args.batch_size
+    skipped: list = []
+
+    def skip(path: Path, error: Exception) -> None:
+        skipped.append(path)
+        tqdm.write(f"isa predict: skipped {path}: {error}", file=sys.stderr)
+
     records = predict_files(segmenter, args.inputs, args.out_dir, tta=args.tta, alpha=args.alpha, classes=classes,
-                            palette=palette, progress=not args.no_progress, num_workers=args.workers)
+                            palette=palette, progress=not args.no_progress, num_workers=args.workers,
+                            on_error=None if args.strict else skip)
     print(f"wrote {2 * len(records)} files (<name>_mask.png, <name>_overlay.png) to {args.out_dir}/")
+    if skipped:
+        print(f"isa predict: skipped {len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''} of "
+              f"{len(skipped) + len(records)}: {', '.join(map(str, skipped))} (--strict stops at the first)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

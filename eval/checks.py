@@ -114,7 +114,10 @@ def check_dataset(root: str | Path, splits: Sequence[str] = ("train", "val"),
         image_dir, mask_dir = root / "images" / split, root / "masks" / split
         if not image_dir.is_dir():
             if split == "train":
-                report.errors.append(f"{image_dir} does not exist: training needs ROOT/images/train/")
+                from eval.datasets import layout_hint
+
+                report.errors.append(f"{image_dir} does not exist: training needs ROOT/images/train/"
+                                     + layout_hint(root))
             continue
         part = SplitReport(split)
         report.splits.append(part)

@@ -92,7 +92,7 @@ def read_mask(path: str | Path, palette: Sequence[Sequence[int]] | None = None,
         array = read_image(path, "mask", max_pixels=max_pixels)
     except ImageError as err:
         raise DatasetError(str(err)) from err
-    mode = {3: "RGB", 4: "RGBA"}.get(array.shape[2], "?") if array.ndim == 3 else "L"
+    mode = {2: "LA", 3: "RGB", 4: "RGBA"}.get(array.shape[2], "?") if array.ndim == 3 else "L"
     if array.ndim == 2:
         return array.astype(np.int64) if array.dtype == bool else array
     if mode in ("RGB", "RGBA") and array.ndim == 3:
@@ -264,6 +264,16 @@ def list_files(folder: Path, suffixes: str | Sequence[str]) -> list[str]:
     return sorted(found)
 
 
+def layout_hint(root: str | Path) -> str:
+    """Advice when a folder dataset's --data DIR points one level too deep (DIR/images, DIR/masks or
+    DIR/images/train): the folder to pass instead; '' otherwise."""
+    root = Path(root)
+    for up, parent in ((1, root.parent), (2, root.parent.parent)):
+        if root.parts[-up:][0] in ("images", "masks") and (parent / "images").is_dir() and (parent / "masks").is_dir():
+            return f" ({root} is inside the dataset: pass --data {parent}, the folder that holds images/ and masks/)"
+    return ""
+
+
 def _require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise DatasetError(f"{what}: directory {path} does not exist")
@@ -391,7 +401,8 @@ class FolderDataset(SegDataset):
             raise DatasetError(f"folder dataset: {root} does not exist or is not a folder (--data DIR expects "
                                "DIR/images/<split>/ and DIR/masks/<split>/)")
         meta, palette_given = folder_meta(root, num_classes)
-        image_dir = _require_dir(root / "images" / split, "folder dataset (expects ROOT/images/<split>/)")
+        image_dir = _require_dir(root / "images" / split,
+                                 "folder dataset (expects ROOT/images/<split>/)" + layout_hint(root))
         mask_dir = _require_dir(root / "masks" / split, "folder dataset (expects ROOT/masks/<split>/)")
         rel = list_files(image_dir, FOLDER_IMAGE_SUFFIXES)
         stems: dict[str, str] = {}
@@ -416,6 +427,8 @@ def folder_meta(root: Path, num_classes: int | None) -> tuple[DatasetMeta, bool]
     """(meta, whether dataset.json gives a palette, which then maps colour masks to class indices)."""
     path = root / "dataset.json"
     if not path.is_file():
+        if num_classes is None and layout_hint(root):
+            raise DatasetError(f"folder dataset: {root} holds no dataset.json{layout_hint(root)}")
         if num_classes is None:
             raise DatasetError(f"folder dataset: {path} does not exist and the number of classes is unknown; "
                                "write it, e.g. {\"classes\": [\"background\", \"cat\"], \"ignore_index\": 255}")

@@ -66,7 +66,8 @@ def _download(args: argparse.Namespace) -> int:
         raise UsageError("--url needs exactly one variant")
     for name in names:
         print(download(name, cache_dir=args.cache_dir, progress=not args.no_progress, url=args.url,
-                       force=args.force, keep_pth=args.keep_pth))
+                       force=args.force, keep_pth=args.keep_pth,
+                       instead=f"--url URL (a copy of that file on a mirror: isa download {name} --url URL)"))
         if args.backbone:
             print(backbone_weights(name, cache_dir=args.cache_dir, progress=not args.no_progress, force=args.force))
     return 0

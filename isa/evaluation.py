@@ -72,6 +72,8 @@ def add_parsers(subparsers: Any) -> None:
                         "errors, with a legend) to --errors-dir")
     p.add_argument("--errors-dir", type=Path, metavar="DIR",
                    help="folder for --save-errors pictures [errors/ beside --out]")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                   help=f"refuse larger images and masks (decompression-bomb guard) [{MAX_PIXELS}; 0: no limit]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_eval)
 
@@ -86,9 +88,10 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--classes", type=Path, metavar="DATASET_JSON",
                    help="replace the class names/palette (a folder dataset's dataset.json)")
     p.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay [0.5]")
-    p.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"),
-                   help="torch, or onnxruntime to run --weights FILE.onnx written by `isa export --dynamic` on the "
-                        "CPU without the PyTorch model (pip install -e '.[export]') [torch]")
+    p.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnxruntime"),
+                   help="onnxruntime runs --weights FILE.onnx written by `isa export --dynamic` on the CPU without "
+                        "the PyTorch model (pip install -e '.[export]'); auto: onnxruntime for an .onnx file, else "
+                        "torch [auto]")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                    help=f"refuse larger images (decompression-bomb guard) [{MAX_PIXELS}; 0: no limit]")
     p.add_argument("--batch-size", type=int, default=4, metavar="N",
@@ -112,6 +115,10 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("data", metavar="DIR", help="the dataset folder")
     p.add_argument("--splits", nargs="+", default=["train", "val"], help="splits to check [train val]")
     p.add_argument("--num-classes", type=int, metavar="K", help="class count when there is no dataset.json")
+    p.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="the training crop: named when it is larger than every train image")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                   help=f"refuse larger images and masks (decompression-bomb guard) [{MAX_PIXELS}; 0: no limit]")
     p.set_defaults(func=run_check_data)
 
 
@@ -125,9 +132,9 @@ def segmenter_from_args(args: argparse.Namespace, **kwargs: Any):
                          "written by this project (it names its variant)")
     if weights is None:
         weights = "auto"
-    return Segmenter(args.model, weights=None if weights == "none" else weights, device=args.device,
+    return Segmenter(args.model, weights=weights, device=args.device,
                      dtype=args.dtype, backend=args.backend, scale_wh=args.test_scale,
-                     runtime=getattr(args, "runtime", "torch"), **kwargs)
+                     runtime=getattr(args, "runtime", "auto"), **kwargs)
 
 
 def _random_init(args: argparse.Namespace) -> bool:
@@ -156,7 +163,10 @@ def _dataset(args: argparse.Namespace, meta: Any):
                          "--data DIR")
     if root is None:
         raise UsageError("--dataset folder needs --data DIR")
-    dataset = build_dataset(name, root, args.split, num_classes=meta.num_classes)
+    from zoo.images import MAX_PIXELS
+
+    dataset = build_dataset(name, root, args.split, num_classes=meta.num_classes,
+                            max_pixels=getattr(args, "max_pixels", MAX_PIXELS))
     if dataset.num_classes != meta.num_classes and not _random_init(args):
         raise ValueError(f"the model predicts {meta.num_classes} classes ({meta.variant}) but {dataset!r} has "
                          f"{dataset.num_classes}; evaluate weights trained for this dataset")
@@ -279,6 +289,7 @@ def run_check_data(args: argparse.Namespace) -> int:
     """`isa check-data`: print the report; exit 1 on errors."""
     from eval.checks import check_dataset
 
-    report = check_dataset(args.data, args.splits, args.num_classes)
+    report = check_dataset(args.data, args.splits, args.num_classes, crop_size=args.crop_size,
+                           max_pixels=args.max_pixels)
     print(report.format())
     return 0 if report.ok else 1

@@ -50,7 +50,8 @@ _CHUNK = 1 << 20
 _TIMEOUT_S = 60
 
 PathLike = Union[str, "os.PathLike[str]"]
-_INSTEAD = "--weights /path/to/the.pth (weights='/path/to/the.pth' in Python)"
+_INSTEAD = ("--weights /path/to/the.pth (weights='/path/to/the.pth' in Python), or --weights none for random "
+            "weights (weights='none'; a smoke test, not a trained model)")
 
 
 class DownloadError(RuntimeError):
@@ -142,12 +143,14 @@ def _stream(url: str, out, progress: bool, label: str) -> str:
 
 
 def download(name: str, *, cache_dir: Optional[PathLike] = None, progress: bool = True,
-             url: Optional[str] = None, force: bool = False, keep_pth: bool = False) -> Path:
+             url: Optional[str] = None, force: bool = False, keep_pth: bool = False,
+             instead: str = _INSTEAD) -> Path:
     """Fetch variant `name`'s published checkpoint into the cache as `<name>.safetensors`.
 
     Reuses the cached file (no request) unless `force`. A `.pth` already placed at
     `<cache>/<original file name>` is used without network. The sha256 prefix in the file name is
-    checked; nothing partial is ever left in the cache. `url` overrides the variant's URL.
+    checked; nothing partial is ever left in the cache. `url` overrides the variant's URL. `instead`:
+    the alternative an offline error suggests (the caller's own flag).
 
     Example:
         >>> download("isanet_r50-d8_512x1024_40k_cityscapes")
@@ -174,7 +177,7 @@ def download(name: str, *, cache_dir: Optional[PathLike] = None, progress: bool 
         _check_hash(sha256_file(placed), expected_prefix, str(placed), placed=True)
         log.info("using %s placed in the cache", placed)
         return convert_checkpoint(placed, dst, name)
-    with _fetch(url, cache, expected_prefix, name, progress) as tmp:
+    with _fetch(url, cache, expected_prefix, name, progress, instead=instead) as tmp:
         if keep_pth:
             os.replace(tmp, placed)
             return convert_checkpoint(placed, dst, name)

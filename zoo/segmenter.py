@@ -16,7 +16,9 @@ Example:
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
 
 import torch
@@ -34,6 +36,26 @@ from .visualize import overlay_with_legend
 ImageLike = Union[str, "os.PathLike[str]", Image.Image, Any]
 
 
+RANDOM_WEIGHTS = ("none", "random")  # the explicit spellings of random init (--weights none)
+
+
+def pick_runtime(weights: Any, runtime: str = "auto") -> str:
+    """The runtime a weights file needs: onnxruntime for .onnx, torch otherwise; a .pt2 package, or a file
+    the chosen runtime cannot run, is refused naming the flag to use."""
+    suffix = Path(str(weights)).suffix.lower() if weights is not None else ""
+    if suffix == ".pt2":
+        raise ValueError(f"{weights} is a torch.export/AOTInductor package (isa export --format pt2), which runs "
+                         "outside this project (torch._inductor.aoti_load_package); to predict here pass the "
+                         ".safetensors weights it was exported from, or an .onnx export (isa export --format onnx "
+                         "--dynamic)")
+    if runtime == "auto":
+        return "onnxruntime" if suffix == ".onnx" else "torch"
+    if runtime == "torch" and suffix == ".onnx":
+        raise ValueError(f"{weights} is an ONNX export: run it with --runtime onnxruntime (runtime='onnxruntime'), "
+                         "or pass the .safetensors weights it was exported from")
+    return runtime
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on a CUDA GPU that computes it natively, float32 elsewhere (exact on the CPU)."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -46,8 +68,12 @@ class Segmenter:
 
     Args:
         model: a variant name, an `ISANet`, or None when `weights` is a self-describing file.
-        weights: None (random init), "auto" (published), a .safetensors/.pth file, or
-            "hf-hub:OWNER/REPO[@REV]" (a Hugging Face model repo, e.g. one `isa push` wrote).
+        weights: "auto" (the published weights, downloaded once into the cache; the default), a
+            .safetensors/.pth file (an .onnx file runs with onnxruntime), "hf-hub:OWNER/REPO[@REV]" (a Hugging
+            Face model repo, e.g. one `isa push` wrote), or "none" for random weights (an explicit choice: a
+            smoke test, never a useful predictor; None still means random, with a warning). Ignored with an
+            `ISANet` model. Offline, "auto" fails with a message saying where to put the file or how to ask
+            for random weights.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
         dtype: "auto" (bf16 on GPUs with native bf16, else float32), or "float32", "bfloat16", "float16".
         scale_wh: replace the test scale (W, H) of the weights' test pipeline.
@@ -55,22 +81,32 @@ class Segmenter:
             windows of an image).
         max_pixels: refuse larger images (Pillow's decompression-bomb limit by default; 0: none).
         num_classes: another class count than the weights' (their classifiers are then re-initialised).
-        runtime: "torch", or "onnxruntime" to run an exported .onnx file (`weights`; `isa export`) on the
-            CPU without building the PyTorch model: classes and test pipeline come from its metadata.
+        runtime: "auto" (onnxruntime for an .onnx file, else torch), "torch", or "onnxruntime" to run an
+            exported .onnx file (`weights`; `isa export`) on the CPU without building the PyTorch model:
+            classes and test pipeline come from its metadata.
     """
 
-    def __init__(self, model: Union[str, ISANet, None] = None, weights: Union[None, str, "os.PathLike[str]"] = None,
+    def __init__(self, model: Union[str, ISANet, None] = None, weights: Union[None, str, "os.PathLike[str]"] = "auto",
                  *, device: Union[str, torch.device] = "auto", dtype: Union[str, torch.dtype] = "auto",
                  backend: str = "auto", scale_wh: Optional[Sequence[int]] = None, batch_size: int = 4,
                  max_pixels: Optional[int] = MAX_PIXELS, num_classes: Optional[int] = None,
-                 runtime: str = "torch") -> None:
+                 runtime: str = "auto") -> None:
+        runtime = pick_runtime(weights, runtime)
+        if isinstance(model, ISANet) and str(weights) == "auto":
+            weights = None  # the default: the model object brings its own weights
+        elif weights is None and not isinstance(model, ISANet):
+            warnings.warn("Segmenter(weights=None) builds random weights: its labels mean nothing. Pass "
+                          "weights='auto' for the published ones, or weights='none' to ask for random ones",
+                          UserWarning, stacklevel=2)
+        elif str(weights).lower() in RANDOM_WEIGHTS:
+            weights = None
         if runtime == "onnxruntime":
             from .export import OnnxRuntimeModel
 
             net = OnnxRuntimeModel.for_segmenter(model, weights, device=device, dtype=dtype, num_classes=num_classes)
             device = "cpu"
         elif runtime != "torch":
-            raise ValueError(f"runtime must be 'torch' or 'onnxruntime', got {runtime!r}")
+            raise ValueError(f"runtime must be 'auto', 'torch' or 'onnxruntime', got {runtime!r}")
         elif isinstance(model, ISANet):
             net = model
             if weights is not None:

@@ -158,13 +158,15 @@ def _decode_jpeg(data: bytes, source: Any, max_pixels: Optional[int]) -> Optiona
         return None  # the reader decodes it, or names what is wrong
     if tuple(image.shape[-2:]) != (frame.height, frame.width):
         return None
-    orientation = exif_orientation(data)
+    orientation = exif_orientation(data, frame.scan_at)
     return image if orientation == 1 else images.orient(image, orientation)
 
 
-def exif_orientation(data: bytes) -> int:
-    """The EXIF orientation Pillow finds in a JPEG's header (what `ImageOps.exif_transpose` applies)."""
-    if b"Exif" not in data and b"rientation" not in data:
+def exif_orientation(data: bytes, scan_at: Optional[int] = None) -> int:
+    """The EXIF orientation Pillow finds in a JPEG's header (what `ImageOps.exif_transpose` applies);
+    `scan_at`: where the first scan starts (`zoo.images.jpeg_header`), the end of the header segments."""
+    head = data[:scan_at] if scan_at else data
+    if b"Exif" not in head and b"rientation" not in head:
         return 1  # no EXIF block and no XMP orientation in the headers: nothing to parse
     try:
         with Image.open(io.BytesIO(data), formats=["JPEG"]) as pil:

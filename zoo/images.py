@@ -180,7 +180,7 @@ def png_header(data: bytes, source: Any = "(bytes)", max_pixels: Optional[int] =
     if compression or filtering or interlace > 1:
         raise bad(f"unknown compression/filter/interlace method {compression}/{filtering}/{interlace}")
     check_pixels(width, height, max_pixels, source)
-    pos, crc32 = 8, _zlib.crc32
+    pos, crc32, view = 8, _zlib.crc32, memoryview(data)  # CRCs over views: no copy of the pixel data
     idat: List[Tuple[int, int]] = []
     palette, after_idat, ended, meta = -1, False, False, False
     while pos + 12 <= len(data):
@@ -189,9 +189,9 @@ def png_header(data: bytes, source: Any = "(bytes)", max_pixels: Optional[int] =
         end = pos + 8 + length
         if length > _MAX_CHUNK or end + 4 > len(data):
             raise bad(f"chunk {kind!r} at byte {pos} runs past the end of the file (truncated)")
-        if not all(65 <= c <= 90 or 97 <= c <= 122 for c in kind):
+        if not kind.isalpha():  # ASCII letters only (bytes.isalpha)
             raise bad(f"invalid chunk name {kind!r} at byte {pos}")
-        if crc32(data[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
+        if crc32(view[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
             raise bad(f"chunk {kind.decode()} at byte {pos} fails its CRC")
         if kind == b"IHDR" and pos != 8:
             raise bad(f"a second IHDR chunk at byte {pos}")
@@ -258,6 +258,7 @@ class JpegHeader:
     components: int
     precision: int
     marker: int
+    scan_at: int = 0  # where the first scan (SOS) starts: the APP segments (EXIF, XMP) are before it
 
 
 def jpeg_header(data: bytes, source: Any = "(bytes)", max_pixels: Optional[int] = MAX_PIXELS) -> JpegHeader:
@@ -298,7 +299,7 @@ def jpeg_header(data: bytes, source: Any = "(bytes)", max_pixels: Optional[int] 
         elif marker == 0xDA:  # SOS: the entropy-coded data follows
             if frame is None:
                 raise bad("a scan before any frame header")
-            return frame
+            return JpegHeader(frame.width, frame.height, frame.components, frame.precision, frame.marker, pos)
         pos += 2 + length
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
+from isa import UsageError
 from zoo.utils import DTYPE_CHOICES, parse_dtype
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -180,8 +181,9 @@ def _kernels(args: argparse.Namespace) -> int:
 
     dtype = parse_dtype(args.dtype)
     if not torch.cuda.is_available():
-        print("isa bench kernels: no CUDA GPU here, so no Triton timings; what this CPU can run instead:")
-        result = cpu_kernel_report()
+        print("isa bench kernels: no CUDA GPU here, so no Triton timings; what this CPU can run instead "
+              f"(in float32{'' if dtype == torch.float32 else f'; --dtype {args.dtype} is for the GPU timings'}):")
+        result = {"dtype": "float32", "device": "cpu", **cpu_kernel_report()}
         if args.json:
             _write_json(args.json, result)
         check = result["interpreter"]
@@ -209,22 +211,34 @@ def _kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+FOLDER_BENCH_MODEL = "isanet_r50-d8_512x512_20k_voc12aug"  # isa train --model's usual choice for own data
+
+
 def _data(args: argparse.Namespace) -> int:
     from train.bench import bench_data, format_result, make_benchmark_data
 
-    data_root = args.data_root
+    if bool(args.data) == bool(args.data_root):
+        raise UsageError("isa bench data: pass --data DIR (a folder dataset: DIR/images/train, DIR/masks/train) or "
+                         "--data-root DIR with --recipe NAME (a benchmark layout)")
+    if args.data_root and not args.recipe:
+        raise UsageError("--data-root needs --recipe NAME (the variant whose pipeline to time)")
+    if args.data and args.make_data:
+        raise UsageError("--make-data writes a benchmark layout under --data-root; with --data time your folder")
+    recipe = args.recipe or FOLDER_BENCH_MODEL
+    data_root = args.data or args.data_root
     if args.make_data:
         dataset = "ade20k" if "ade20k" in args.recipe else "cityscapes"
         data_root = str(make_benchmark_data(args.data_root, dataset, args.make_data))
         print(f"wrote {args.make_data} {dataset} training pairs under {data_root}")
-    rows = [bench_data(args.recipe, data_root, workers=w, samples=args.samples, warmup=args.warmup,
-                       batch_size=args.batch_size, reference=args.reference) for w in args.workers]
+    rows = [bench_data(recipe, data_root, workers=w, samples=args.samples, warmup=args.warmup,
+                       batch_size=args.batch_size, reference=args.reference, folder=bool(args.data),
+                       crop_size=args.crop_size) for w in args.workers]
     for row in rows:
         print(format_result(row))
     if len(rows) > 1 and rows[0]["workers"] > 0:
         print(f"loader scaling: {rows[-1]['samples_per_s'] / rows[0]['samples_per_s']:.2f}x from "
               f"{rows[0]['workers']} to {rows[-1]['workers']} workers")
-    result = rows[0] if len(rows) == 1 else {"recipe": args.recipe, "rows": rows}
+    result = rows[0] if len(rows) == 1 else {"recipe": recipe, "rows": rows}
     if args.json:
         _write_json(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if k != "ms_all"}))
@@ -274,8 +288,12 @@ def add_parser(subparsers: Any) -> None:
                        "as `isa train` runs them. --workers 0: one process on one thread, ms per sample after a "
                        "warm-up; --workers N: the DataLoader's samples per second. MMSegmentation's own pipeline "
                        "is timed beside it by tools/mmseg_pipeline_reference.py.")
-    p.add_argument("--recipe", required=True, help="a variant name, e.g. isanet_r50-d8_512x1024_40k_cityscapes")
-    p.add_argument("--data-root", required=True, help="the dataset (Cityscapes / ADE20K layout)")
+    p.add_argument("--recipe", help="a variant name, e.g. isanet_r50-d8_512x1024_40k_cityscapes (with --data: "
+                                    f"whose fine-tuning crop to use [{FOLDER_BENCH_MODEL}])")
+    p.add_argument("--data-root", help="a benchmark dataset (Cityscapes / ADE20K layout) for --recipe")
+    p.add_argument("--data", metavar="DIR", help="a folder dataset (DIR/images/train, DIR/masks/train), timed as "
+                                                 "`isa train --model NAME --data DIR` reads and augments it")
+    p.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"), help="replace the crop size")
     p.add_argument("--workers", type=int, nargs="+", default=[0], help="0: one process; N: DataLoader workers "
                    "(several values: one row each) [0]")
     p.add_argument("--samples", type=int, default=24, help="timed samples [24]")

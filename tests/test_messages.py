@@ -65,3 +65,37 @@ def test_data_one_level_too_deep_is_recognised(tmp_path, capsys):
                      "--work-dir", str(tmp_path / "w")]) == 1
         err = capsys.readouterr().err
         assert f"pass --data {data}" in err, err
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_with_the_slowdown(monkeypatch):
+    import zoo
+    import zoo.segmenter as segmenter
+
+    model = zoo.create_model(MODEL)
+    monkeypatch.setattr(segmenter, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="emulated.*slower than float32"):
+        Segmenter(model, device="cpu", dtype="bfloat16")
+    monkeypatch.setattr(segmenter, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Segmenter(model, device="cpu", dtype="bfloat16")
+        Segmenter(model, device="cpu", dtype="float32")
+
+
+def test_bench_kernels_on_a_cpu_states_the_dtype_it_ran(monkeypatch, capsys):
+    import isa.bench
+
+    monkeypatch.setattr(isa.bench.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(isa.bench, "cpu_kernel_report", lambda: {"interpreter": {"ok": True}})
+    assert main(["bench", "kernels", "--dtype", "bfloat16"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "float32" in first and "--dtype bfloat16 is for the GPU timings" in first
+
+
+def test_bench_data_times_a_folder_dataset(tmp_path, capsys):
+    data = make_synthetic_dataset(tmp_path / "mine", num_train=3, num_val=1, size_hw=(40, 48))
+    assert main(["bench", "data", "--data", str(data), "--crop-size", "32", "32", "--samples", "2",
+                 "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert '"dataset": "folder"' in out and '"images": 3' in out
+    assert main(["bench", "data", "--data-root", str(data)]) == 2  # a benchmark layout needs --recipe

@@ -99,7 +99,8 @@ def make_benchmark_data(root: PathLike, dataset: str = "cityscapes", num_images:
     return root
 
 
-def _reader_and_pipeline(recipe: str, data_root: PathLike, reference: bool = False) -> Tuple[Any, Any, Any]:
+def _reader_and_pipeline(recipe: str, data_root: PathLike, reference: bool = False, folder: bool = False,
+                         crop_size: Optional[Tuple[int, int]] = None) -> Tuple[Any, Any, Any]:
     from eval.datasets import build_dataset
 
     from .config import TrainConfig
@@ -107,7 +108,10 @@ def _reader_and_pipeline(recipe: str, data_root: PathLike, reference: bool = Fal
     from .pipeline import RecipePipeline
     from .transforms import build_train_transforms
 
-    cfg = TrainConfig.from_recipe(recipe, str(data_root))
+    extra = {"crop_size": tuple(crop_size)} if crop_size else {}
+    # a folder dataset is read and augmented as `isa train --model NAME --data DIR` does (fine-tuning defaults)
+    cfg = (TrainConfig.for_finetune(recipe, str(data_root), **extra) if folder
+           else TrainConfig.from_recipe(recipe, str(data_root), **extra))
     reader = build_dataset(cfg.dataset, str(data_root), cfg.train_split)
     if reference:
         pipeline = build_train_transforms(cfg.crop_size, cfg.img_scale, cfg.ratio_range, cfg.cat_max_ratio)
@@ -117,7 +121,8 @@ def _reader_and_pipeline(recipe: str, data_root: PathLike, reference: bool = Fal
 
 
 def bench_data(recipe: str, data_root: PathLike, workers: int = 0, samples: int = 24, warmup: int = 4,
-               batch_size: int = 2, seed: int = 0, reference: bool = False) -> Dict[str, Any]:
+               batch_size: int = 2, seed: int = 0, reference: bool = False, folder: bool = False,
+               crop_size: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
     """Time the recipe's training pipeline as `isa train` runs it (decoding included).
 
     `workers=0`: one process on one thread; `warmup` samples first (the dataset's first images), then
@@ -125,10 +130,12 @@ def bench_data(recipe: str, data_root: PathLike, workers: int = 0, samples: int 
     DataLoader with N worker processes, `samples` (rounded up to whole batches) timed after `warmup`
     batches: `samples_per_s` and `ms_per_sample` = 1000 / samples_per_s. `reference`: the reference
     pipeline (`train.transforms`, Pillow decoding, normalising in the worker) instead of the fast one.
+    `folder`: `data_root` is a folder dataset (DIR/images/train, ...) read with variant `recipe`'s
+    fine-tuning settings, as `isa train --model RECIPE --data DIR`; `crop_size` (H, W) replaces the crop.
     """
     from .data import IterationBatchSampler, build_loader, collate, sample_seed
 
-    cfg, reader, train_set = _reader_and_pipeline(recipe, data_root, reference)
+    cfg, reader, train_set = _reader_and_pipeline(recipe, data_root, reference, folder, crop_size)
     result: Dict[str, Any] = {"recipe": recipe, "dataset": cfg.dataset, "data_root": str(data_root),
                               "pipeline": "reference" if reference else "fast", "images": len(reader),
                               "crop_size": list(cfg.crop_size), "workers": workers, "torch": torch.__version__,

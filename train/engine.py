@@ -167,6 +167,10 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
     optimizer = build_optimizer(cfg, model)  # the recipe's SGD unless --optimizer / --head-lr-mult / ...
     scheduler = build_scheduler(cfg, optimizer)  # the recipe's poly unless --warmup
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    if ctx.is_main:
+        from zoo.segmenter import warn_emulated_bf16
+
+        warn_emulated_bf16(device, AMP_DTYPES.get(cfg.amp) if cfg.amp else None)
     run_kwargs: Dict[str, Any] = {}
     rng_restore = None
     if found is not None:

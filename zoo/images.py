@@ -81,8 +81,9 @@ class PngHeader:
         return _PNG_COLOUR[self.colour][1]
 
     def idat_bytes(self, data: bytes) -> bytes:
-        """The zlib stream: the IDAT payloads joined."""
-        return b"".join(data[a:b] for a, b in self.idat)
+        """The zlib stream: the IDAT payloads joined (one copy: the slices are views)."""
+        view = memoryview(data)
+        return b"".join([view[a:b] for a, b in self.idat])
 
     def raw_size(self) -> int:
         """Bytes of the filtered scanlines the zlib stream must hold (filter byte + packed samples per row)."""
@@ -228,10 +229,10 @@ def png_header(data: bytes, source: Any = "(bytes)", max_pixels: Optional[int] =
 def check_png_stream(header: PngHeader, data: bytes, source: Any = "(bytes)") -> None:
     """Inflate the whole zlib stream (a MiB at a time, nothing kept) and refuse one that is corrupt, ends
     early or is shorter than the image needs: decoders would zero-fill the missing rows."""
-    inflater, want, got = _zlib.decompressobj(), header.raw_size(), 0
+    inflater, want, got, view = _zlib.decompressobj(), header.raw_size(), 0, memoryview(data)
     try:
         for a, b in header.idat:
-            chunk = data[a:b]
+            chunk = view[a:b]
             while chunk and got <= want:
                 got += len(inflater.decompress(chunk, 1 << 20))
                 chunk = inflater.unconsumed_tail

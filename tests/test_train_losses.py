@@ -114,3 +114,11 @@ def test_loss_spec_spellings_and_errors():
     two = build_loss("ce:1 ce:2", 4)(x, labels)["loss_ce"]
     one = build_loss("ce:3", 4)(x, labels)["loss_ce"]
     assert two.item() == pytest.approx(one.item(), rel=1e-12)
+
+
+def test_warmup_factor_is_mmengines_linear_lr():
+    """--warmup's factor against mmengine's own LinearLR (written by the reference tool)."""
+    from train.optim import warmup_factor
+
+    want = TENSORS["linear_lr.start0.1_end5"].tolist()
+    assert [warmup_factor(t, 5, 0.1) for t in range(8)] == pytest.approx(want, rel=1e-12)

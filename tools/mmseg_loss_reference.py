@@ -34,6 +34,8 @@ ignore_index=255)`):
 - ohem_thresh, ohem_thresh_min_kept, ohem_topk: `OHEMPixelSampler(context, thresh, min_kept).sample(logits,
   labels[:, None])` with a context holding ignore_index=255 and the CE module(s), then the CE terms with
   that weight (as `BaseDecodeHead.loss_by_feat`).
+- linear_lr.start0.1_end5: the learning rate mmengine's `LinearLR(start_factor=0.1, by_epoch=False, begin=0,
+  end=5)` sets on a constant lr of 1 for iterations 0..7 (the `--warmup` factor).
 - sum_ce_dice: a decode head's `loss_decode=[CrossEntropyLoss(1.0), DiceLoss(loss_weight=3.0)]`: each
   named term (`loss_ce`, `loss_dice`) and the gradient of their sum.
 """
@@ -199,6 +201,18 @@ def main():
     terms = [CrossEntropyLoss(loss_weight=1.0), DiceLoss(loss_weight=3.0)]
     record('sum_ce_dice', [{'type': 'CrossEntropyLoss'}, {'type': 'DiceLoss', 'loss_weight': 3.0}],
            lambda x: {t.loss_name: t(x, labels, ignore_index=255) for t in terms})
+
+    # --- the warm-up factor: mmengine's LinearLR(start_factor=0.1, begin=0, end=5) on a constant lr of 1
+    from mmengine.optim.scheduler import LinearLR
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = LinearLR(opt, start_factor=0.1, by_epoch=False, begin=0, end=5)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]['lr'])
+        opt.step()
+        sched.step()
+    tensors['linear_lr.start0.1_end5'] = torch.tensor(lrs, dtype=torch.float64)
+    print('LinearLR(0.1, end=5) lr per iteration:', ' '.join(f'{v:.6f}' for v in lrs))
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     meta = {'cases': json.dumps(cases), 'mmseg_version': mmseg.__version__, 'torch_version': torch.__version__,

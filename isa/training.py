@@ -74,7 +74,9 @@ def _add_tuning_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--freeze-backbone", type=int, nargs="?", const=4, metavar="STAGES",
                    help="freeze the ResNet stem and layers 1..STAGES (frozen_stages) [alone: 4, the whole backbone]")
     g.add_argument("--accum-steps", type=int, metavar="N",
-                   help="gradient accumulation: N batches of --batch-size per optimizer step [1]")
+                   help="gradient accumulation: N batches of --batch-size per optimizer step, the update of one "
+                        "batch N times larger with --freeze-bn (BatchNorm statistics, --avg-non-ignore and --ohem "
+                        "see one batch at a time) [1]")
     g.add_argument("--optimizer", choices=["sgd", "adamw"],
                    help="sgd (recipe: momentum 0.9) or adamw (betas 0.9/0.999; --lr 6e-5 and --weight-decay 0.01 "
                         "unless given) [sgd]")

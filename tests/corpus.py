@@ -245,11 +245,27 @@ def argv_for(command: str, data: Path, work: Path) -> Optional[List[str]]:
 def drive(commands: List[str], folder: Path, names: List[str]) -> None:
     """Run each `isa COMMAND` in this process on the clean dataset, then on each named case's dataset; print
     a JSON line per run: the command, the case, rc, the output's tail, an exception that escaped `isa` (with
-    its traceback), and this process's peak RSS so far (the clean runs come first: their peak is the
-    baseline). Run it in a child: a signal kills the child, and the test sees it."""
+    its traceback), and the peak RSS of the run (Linux: the high-water mark is reset before each run through
+    /proc/self/clear_refs; elsewhere the process's peak so far). Run it in a child: a signal kills the
+    child, and the test sees it."""
     import contextlib
+    import re
     import resource
     import traceback
+
+    def reset_peak() -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def peak_rss() -> int:
+        try:
+            with open("/proc/self/status") as f:
+                return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+        except (OSError, AttributeError):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     from isa.cli import main
 
@@ -260,6 +276,7 @@ def drive(commands: List[str], folder: Path, names: List[str]) -> None:
             data = make_dataset(root / "data", None if name == "clean" else cases[name])
             argv = argv_for(command, data, root / "work")
             out, escaped, rc = io.StringIO(), None, None
+            reset_peak()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
                 try:
                     rc = main(argv)
@@ -267,9 +284,8 @@ def drive(commands: List[str], folder: Path, names: List[str]) -> None:
                     rc = exc.code
                 except BaseException:  # noqa: BLE001 - the test reports it as an unnamed exception
                     escaped = traceback.format_exc()
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             print(json.dumps({"command": command, "case": name, "rc": rc, "out": out.getvalue()[-3000:],
-                              "escaped": escaped, "peak_rss": peak}), flush=True)
+                              "escaped": escaped, "peak_rss": peak_rss()}), flush=True)
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "drive":  # drive COMMAND FOLDER CASE...

@@ -229,7 +229,7 @@ def _corpus_runs(commands, names, tmp_path, child_env) -> list:
     runs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(runs) == len(commands) * (1 + len(names)), proc.stdout[-2000:]
     cases = {c.name: c for c in make_corpus()}
-    clean_peak = max(r["peak_rss"] for r in runs if r["case"] == "clean")
+    clean_peak = {r["command"]: r["peak_rss"] for r in runs if r["case"] == "clean"}
     for run in runs:
         label = f"isa {run['command']} on {run['case']}: rc {run['rc']}\n{run['out']}"
         assert run["escaped"] is None, f"{label}\nan exception escaped:\n{run['escaped']}"
@@ -243,7 +243,8 @@ def _corpus_runs(commands, names, tmp_path, child_env) -> list:
         assert run["rc"] == 1 and case.expect in run["out"], label
         if case.name != "extreme_aspect" or run["command"].startswith("train"):  # eval/predict: the inference resize
             assert f"{case.role}s/" in run["out"] and f"/bad{case.suffix}" in run["out"], label
-    assert max(r["peak_rss"] for r in runs) - clean_peak < 0.3 * GB
+        # the peak RSS of the run, against the same command on the clean dataset
+        assert run["peak_rss"] - clean_peak[run["command"]] < 0.3 * GB, f"{label}\npeak RSS {run['peak_rss']}"
     return runs
 
 

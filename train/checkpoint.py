@@ -49,7 +49,7 @@ def fault_point(stage: str, iteration: int) -> None:
 
     ISA_TRAIN_KILL_AT="iter:N" sends SIGKILL during iteration N (after its backward, before the optimizer
     step); "write:N" after checkpoint N's temporary file is written, before its rename; "micro:N" between the
-    first two micro-batches of iteration N (--accum-steps).
+    first two micro-batches of iteration N (--accum-steps); "eval:N" as the evaluation of iteration N starts.
     ISA_TRAIN_INTERRUPT_AT takes the same values and sends SIGINT instead (a Ctrl-C at that point).
     """
     import signal

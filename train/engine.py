@@ -9,8 +9,16 @@ Rank 0 writes into the work dir, which it locks for the run (`train.lock`): `con
 configuration), `log.jsonl`, `checkpoints/iter_N.pt`, `best.safetensors` (best val mIoU so far),
 `model.safetensors` (the last weights) and `curves.png`; the weights files describe themselves
 (`zoo.metadata`: classes, palette, the test scale validation used). Evaluation runs on every rank (the
-metric all-reduces). SIGINT / SIGTERM stop the run after the current step with a checkpoint of it
-(`TrainingInterrupted`); a second one aborts at once, and no half-written file is ever left.
+metric all-reduces). SIGINT / SIGTERM stop the run after the current step, or the checkpoint being
+written, with a checkpoint of it (`TrainingInterrupted`); one during an evaluation abandons it, and a stop
+before an iteration's evaluation leaves it pending: the resumed run makes it up first (evaluations
+never draw from the training RNG streams, so the resumed run equals an uninterrupted one bit for bit).
+A second signal aborts at once, and no half-written file is ever left.
+
+A work dir that holds another run's outputs is refused (`WorkDirInUse`: --resume, a new --work-dir or
+--overwrite, which moves them to `previous-<time>/`); a resume whose settings differ from its
+checkpoint's is refused field by field (`TrainConfig.resume_differences`). The newest
+`keep_checkpoints` (2) complete checkpoints are kept.
 
 Example (a few CPU iterations on a custom folder dataset):
     >>> result = finetune("isanet_r50-d8_512x512_20k_voc12aug", "my_data", work_dir="runs/demo",  # doctest: +SKIP
@@ -65,11 +73,12 @@ class TrainingDiverged(RuntimeError):
 class TrainingInterrupted(RuntimeError):
     """SIGINT / SIGTERM stopped the run after a complete step and a checkpoint; `exit_code` is 130 / 143."""
 
-    def __init__(self, signum: int, iteration: int, checkpoint: Optional[Path]):
+    def __init__(self, signum: int, iteration: int, checkpoint: Optional[Path], pending_eval: bool = False):
         self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
         self.exit_code = 128 + signum
         where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint"
-        super().__init__(f"stopped by {signal.Signals(signum).name} after iteration {iteration}; {where}")
+        later = f" (its evaluation runs first on --resume)" if pending_eval and checkpoint else ""
+        super().__init__(f"stopped by {signal.Signals(signum).name} after iteration {iteration}{later}; {where}")
 
 
 @dataclass
@@ -590,7 +599,7 @@ def _loop(run: Run, stop: _StopSignals) -> Dict[str, Any]:
             if done:
                 run.last_good = save_run(run, n_done)  # the checkpoint now holds the evaluation
             if stop.requested and not ctx.distributed:
-                raise TrainingInterrupted(stop.signum or signal.SIGINT, n_done, run.last_good)
+                raise TrainingInterrupted(stop.signum or signal.SIGINT, n_done, run.last_good, run.pending_eval)
         t_last = time.perf_counter()
         for it in range(run.start_iter, cfg.iters if stopped_early is None else run.start_iter):
             n_done = it + 1
@@ -636,7 +645,7 @@ def _loop(run: Run, stop: _StopSignals) -> Dict[str, Any]:
                 stopping = stopping or (not ctx.distributed and stop.requested)  # a signal during the write
                 t_last = time.perf_counter()
             if stopping:
-                raise TrainingInterrupted(stop.signum or signal.SIGINT, n_done, run.last_good)
+                raise TrainingInterrupted(stop.signum or signal.SIGINT, n_done, run.last_good, run.pending_eval)
             if stopped_early:
                 break
         if stopped_early and ctx.is_main:

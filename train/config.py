@@ -163,6 +163,9 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --work-dir, --overwrite moves it aside to start afresh: "
+                             "choose one")
         if self.keep_checkpoints < 0:
             raise ValueError(f"--keep-checkpoints must be >= 0 (0 or 'all' keeps every checkpoint), got "
                              f"{self.keep_checkpoints}")

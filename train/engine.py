@@ -143,6 +143,11 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
     if cfg.tensorboard and ctx.is_main:
         tuning.check_tensorboard()  # the install hint before any work
 
+    # a resumed run takes every weight from its checkpoint: no initial weights to read or download
+    found = ckpt.load_latest_checkpoint(work, map_location="cpu") if cfg.resume else None
+    if found is not None:  # refuse a changed setting before any other work
+        check_resume_config(found[0].get("config", {}), cfg, ctx)
+
     if cfg.check_data and cfg.dataset == "folder" and ctx.is_main:
         check_folder_data(cfg)
     train_set, val_set = build_datasets(cfg)
@@ -156,10 +161,6 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
         log.info("class weights (--class-weights %s):\n%s", cfg.class_weights,
                  tuning.format_class_weights(class_weights, list(train_set.classes)))
 
-    # a resumed run takes every weight from its checkpoint: no initial weights to read or download
-    found = ckpt.load_latest_checkpoint(work, map_location="cpu") if cfg.resume else None
-    if found is not None:  # refuse a changed setting before building anything
-        check_resume_config(found[0].get("config", {}), cfg, ctx)
     if found is None and ctx.distributed and "auto" in (cfg.weights, cfg.backbone_weights):
         fetch_on_main_first(cfg, ctx)
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)

@@ -130,9 +130,12 @@ def test_masks_read_as_stored_the_same_everywhere_and_lossy_ones_are_refused(tmp
         assert np.array_equal(read_mask(tmp_path / name), values), name
         assert np.array_equal(read_image(tmp_path / name, "mask"), values), name
     Image.fromarray(values * 100).save(tmp_path / "mask.png", "JPEG", quality=100)  # a JPEG named .png
-    for reader in (read_mask, open_mask, lambda p: read_image(p, "mask")):
-        with pytest.raises((ImageError, DatasetError), match=r"mask\.png is a lossy JPEG"):
-            reader(tmp_path / "mask.png")
+    rgba = np.stack([values * 100] * 3 + [np.full_like(values, 128)], -1)  # alpha: the extended format (VP8X)
+    Image.fromarray(rgba).save(tmp_path / "lossy.webp", quality=100)  # its colour a lossy VP8 stream
+    for name, fmt in (("mask.png", "JPEG"), ("lossy.webp", "WEBP")):
+        for reader in (read_mask, open_mask, lambda p: read_image(p, "mask")):
+            with pytest.raises((ImageError, DatasetError), match=rf"{name} is a lossy {fmt}"):
+                reader(tmp_path / name)
 
 
 def test_png_rows_refuse_a_stream_that_does_not_end_with_the_last_row(tmp_path):

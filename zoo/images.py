@@ -361,13 +361,24 @@ def _probe(data: bytes, source: Any, max_pixels: Optional[int], kind: str = "ima
             check_pixels(width, height, max_pixels, source)
             if fmt == "JPEG" and (width, height) != (frame.width, frame.height):
                 raise ImageError(f"corrupt JPEG {source}: its headers disagree on the size")
-            lossy = fmt == "JPEG" or (fmt == "WEBP" and data[12:16] == b"VP8 ") or (
+            lossy = fmt == "JPEG" or (fmt == "WEBP" and _webp_lossy(data)) or (
                 fmt == "TIFF" and pil.info.get("compression") in ("jpeg", "tiff_jpeg"))
             return ImageInfo(fmt, width, height, _exif_orientation(pil), pil.mode, lossy), None
     except ImageError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure of a decoder on untrusted bytes is this file's fault
         raise ImageError(f"cannot read {kind} {source} ({fmt}): {type(err).__name__}: {err}") from err
+
+
+def _webp_lossy(data: bytes) -> bool:
+    """Whether a WebP holds a lossy (VP8) bitstream: its RIFF chunks, the extended format's included."""
+    pos = 12
+    while pos + 8 <= len(data):
+        fourcc, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if fourcc == b"VP8 ":
+            return True
+        pos += 8 + size + (size & 1)
+    return False
 
 
 # ---------------------------------------------------------------------------------------------- decoding

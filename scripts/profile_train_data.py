@@ -44,9 +44,10 @@ def main(dataset: str, root: str, samples: int = 64) -> None:
     train_set = TrainSet(reader, recipe)
     lib = TimedLibrary(native.library())
     pipeline.native.library = decode.native.library = lambda: lib
-    decode._decode_bytes = timed("JPEG decode (torchvision)", decode._decode_bytes)
-    train_data.open_image = timed("image open (read; JPEG decode)", train_data.open_image)
-    train_data.PngRows.open = timed("mask PNG open (read, chunks)", train_data.PngRows.open)
+    decode._decode_jpeg = timed("JPEG decode (header check, torchvision)", decode._decode_jpeg)
+    decode.images.png_header = timed("PNG header checks (chunks, CRCs)", decode.images.png_header)
+    train_data.open_image = timed("image open (read, header checks; JPEG decode)", train_data.open_image)
+    train_data.open_mask = timed("mask open (read, header checks)", train_data.open_mask)
     decode.PngRows.rows = timed("PNG rows (inflate + unfilter)", decode.PngRows.rows)
     for i in range(8):
         train_set[(i % len(reader), i)]
@@ -65,4 +66,4 @@ def main(dataset: str, root: str, samples: int = 64) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:4]))

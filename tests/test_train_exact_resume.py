@@ -92,7 +92,8 @@ def test_sigint_in_a_step_an_evaluation_and_a_checkpoint_write_then_resume_is_ex
     a, b = load_file(want["weights"]), load_file(got["weights"])
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert a.keys() == b.keys() and not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-    sa, sb = ckpt.load_checkpoint(ckpt.checkpoint_path(straight, 6)), ckpt.load_checkpoint(ckpt.checkpoint_path(stopped, 6))
+    sa = ckpt.load_checkpoint(ckpt.checkpoint_path(straight, 6))
+    sb = ckpt.load_checkpoint(ckpt.checkpoint_path(stopped, 6))
     for name, pa in sa["optimizer"]["state"].items():
         assert torch.equal(pa["momentum_buffer"], sb["optimizer"]["state"][name]["momentum_buffer"])
     assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]

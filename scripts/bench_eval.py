@@ -2,7 +2,7 @@
 """Images/s of `eval.evaluate` on the CPU: this tree against another checkout (the code before batching), side by side.
 
 Each measurement is a fresh child process (`--child`) that builds the same seeded R-50 Cityscapes model and a
-synthetic folder dataset of same-size images, then times `evaluate()` (after one warm-up image). Rounds
+synthetic folder dataset of same-size images, then times `evaluate()` (after a warm-up on one batch). Rounds
 alternate between the variants, so load from other users of a shared machine hits them alike; the table gives
 the median images/s over rounds and each variant's speed-up against the first.
 
@@ -52,7 +52,8 @@ def child(args: argparse.Namespace) -> None:
     seg = Segmenter(create_model(MODEL), device="cpu", dtype="float32", scale_wh=tuple(args.scale))
     data = FolderDataset(args.data, "val")
     kwargs = {"batch_size": args.batch} if args.batch != 1 else {}
-    evaluate(seg, data, max_images=1, num_workers=0, progress=False, **kwargs)  # warm-up
+    # warm-up with a full batch: oneDNN builds its kernels for each new input shape on first use
+    evaluate(seg, data, max_images=args.batch, num_workers=0, progress=False, **kwargs)
     cpu0, t0 = time.process_time(), time.perf_counter()
     result = evaluate(seg, data, num_workers=args.workers, progress=False, **kwargs)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0

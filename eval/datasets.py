@@ -166,7 +166,8 @@ class SegDataset(torch.utils.data.Dataset):
     def load_mask(self, index: int) -> torch.Tensor:
         """The checked label map (H, W) of sample ``index`` (reduce_zero_label applied), as a plain tensor."""
         sample = self.samples[index]
-        raw = torch.from_numpy(np.ascontiguousarray(read_mask(sample.mask_path, self.mask_palette, self.max_pixels)).astype(np.int64))
+        stored = read_mask(sample.mask_path, self.mask_palette, self.max_pixels)
+        raw = torch.from_numpy(np.ascontiguousarray(stored).astype(np.int64))
         if self.meta.label_map:
             mapped = raw.clone()
             for stored, index in self.meta.label_map:
@@ -226,8 +227,8 @@ def size_mismatch(sample: Sample, info: Any, mask_hw: tuple[int, ...], x: str = 
     text = (f"image {sample.image_path} is {up[0]}{x}{up[1]} (h{x}w, upright) but its mask {sample.mask_path} is "
             f"{mask_hw[0]}{x}{mask_hw[1]}; they must match")
     if info.orientation != 1:
-        text += (f". The image is stored {stored[0]}{x}{stored[1]} with EXIF orientation {info.orientation}: images are "
-                 "read upright (as MMSegmentation's LoadImageFromFile does), masks as stored")
+        text += (f". The image is stored {stored[0]}{x}{stored[1]} with EXIF orientation {info.orientation}: "
+                 "images are read upright (as MMSegmentation's LoadImageFromFile does), masks as stored")
         if tuple(mask_hw) == stored:
             text += ("; this mask fits the stored pixels, so it was drawn on the unrotated photo: rotate the mask "
                      "the same way (PIL.ImageOps.exif_transpose of the photo shows how), or save the photo upright "

@@ -271,7 +271,8 @@ def test_training_eval_and_predict_on_the_whole_corpus(tmp_path, child_env):
 
 def test_the_fuzz_script_runs_the_reader_over_a_corpus_and_reports(tmp_path, child_env):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "fuzz_reader.py"), "--seconds", "3",
-                           "--batch", "60", "--work", str(tmp_path)], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                           "--batch", "60", "--work", str(tmp_path)], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "0 crashes" in proc.stdout and "files" in proc.stdout, proc.stdout

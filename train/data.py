@@ -108,8 +108,9 @@ class TrainSet(Dataset):
     RGB PNGs as `PngRows`, JPEGs decoded whole and turned upright), the stored mask values go through the
     reader's own mapping as a 256-entry table, and the sample is `(uint8 (3, h, w), int16 (h, w))` to be
     finished by `normalize_batch` on the device. Any file this path declines or refuses, or a value the
-    reader would refuse, goes through the reader itself (`zoo.images.read_image`, and its named errors). With the reference v2 pipeline (`build_train_transforms`) the sample is
-    `(float (3, h, w), int64 (h, w))`, as the reader returns it.
+    reader would refuse, goes through the reader itself (`zoo.images.read_image`, and its named errors).
+    With the reference v2 pipeline (`build_train_transforms`) the sample is `(float (3, h, w), int64 (h, w))`,
+    as the reader returns it.
 
     The transform runs under `torch.random.fork_rng` seeded with the sample's seed, so it neither
     reads nor disturbs the caller's RNG. A reader whose ignore_index is not 255 is remapped to 255,

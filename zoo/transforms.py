@@ -59,8 +59,9 @@ def rescale_size(size_hw: Sequence[int], scale: float | Sequence[int]) -> tuple[
         factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
     out = int(h * factor + 0.5), int(w * factor + 0.5)
     if min(out) < 1:  # an extreme aspect ratio: refuse here, not as a 0-sized tensor further on
-        raise ValueError(f"an image of {h}x{w} (h x w) rescaled to the scale {scale} would be {out[0]}x{out[1]}: a side "
-                         "of 0. Its aspect ratio is too extreme for this scale; crop or pad the image, or leave it out")
+        raise ValueError(f"an image of {h}x{w} (h x w) rescaled to the scale {scale} would be {out[0]}x{out[1]}: "
+                         "a side of 0. Its aspect ratio is too extreme for this scale; crop or pad the image, or "
+                         "leave it out")
     return out
 
 

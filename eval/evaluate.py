@@ -1,8 +1,9 @@
 """``evaluate(model, dataset)``: the whole evaluation loop as one Python call (``isa eval``, training, demo).
 
 0.x tests one image per forward pass; here ``batch_size`` images of the same size run as one batch (and, in
-slide mode, that many windows per forward pass), which gives the same label maps (the network's arithmetic
-per image does not depend on its batch neighbours beyond fp32 rounding). DataLoader workers decode the next
+slide mode, that many windows per forward pass). The network computes each image as alone, up to fp32
+rounding (a batched convolution may sum in another order), so a label can differ from batch size 1 only
+where two classes tie to that rounding (tests: none on their images). DataLoader workers decode the next
 images while the network runs (``num_workers``, each with ``prefetch_factor`` batches ahead); resizing,
 normalization and the network run on the model's device (:mod:`zoo.inference`).
 

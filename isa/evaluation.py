@@ -59,7 +59,7 @@ def add_parsers(subparsers: Any) -> None:
                    help="DataLoader workers decoding the next images while the network runs [2]")
     p.add_argument("--batch-size", type=int, default=4, metavar="N",
                    help="images of the same size per forward pass; in slide mode also windows per pass "
-                        "(same labels as 1) [4]")
+                        "(the logits of 1 up to fp32 rounding) [4]")
     p.add_argument("--metrics", nargs="+", default=["mIoU"], choices=("mIoU", "mDice", "mFscore"),
                    help="MMSegmentation's IoUMetric groups: mIoU (IoU, Acc), mDice (Dice, Acc), mFscore "
                         "(Fscore, Precision, Recall); fwIoU and class shares always [mIoU]")
@@ -266,7 +266,7 @@ def run_predict(args: argparse.Namespace) -> int:
         classes, palette = names.classes, names.palette
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be ≥ 1, got {args.batch_size}")
-    segmenter.batch_size = args.batch_size
+    segmenter.batch_size = segmenter.window_batch = args.batch_size
     skipped: list = []
 
     def skip(path: Path, error: Exception) -> None:

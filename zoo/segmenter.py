@@ -98,8 +98,10 @@ class Segmenter:
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
         dtype: "auto" (bf16 on GPUs with native bf16, else float32), or "float32", "bfloat16", "float16".
         scale_wh: replace the test scale (W, H) of the weights' test pipeline.
-        batch_size: how many same-size images run through the network together (in slide mode, how many
-            windows of an image).
+        batch_size: how many same-size images run through the network together.
+        window_batch: slide mode: how many windows run through the network together (1: one at a time,
+            the arithmetic of 0.x; more is faster, with labels that can differ only where two classes tie
+            to fp32 rounding).
         max_pixels: refuse larger images (Pillow's decompression-bomb limit by default; 0: none).
         num_classes: another class count than the weights' (their classifiers are then re-initialised).
         runtime: "auto" (onnxruntime for an .onnx file, else torch), "torch", or "onnxruntime" to run an
@@ -110,6 +112,7 @@ class Segmenter:
     def __init__(self, model: Union[str, ISANet, None] = None, weights: Union[None, str, "os.PathLike[str]"] = "auto",
                  *, device: Union[str, torch.device] = "auto", dtype: Union[str, torch.dtype] = "auto",
                  backend: str = "auto", scale_wh: Optional[Sequence[int]] = None, batch_size: int = 4,
+                 window_batch: int = 1,
                  max_pixels: Optional[int] = MAX_PIXELS, num_classes: Optional[int] = None,
                  runtime: str = "auto") -> None:
         runtime = pick_runtime(weights, runtime)
@@ -143,6 +146,7 @@ class Segmenter:
         if scale_wh is not None:
             self.settings = replace(self.settings, scale_wh=(int(scale_wh[0]), int(scale_wh[1])))
         self.batch_size = max(1, int(batch_size))
+        self.window_batch = max(1, int(window_batch))
         self.max_pixels = max_pixels
         # either way a callable from a normalised batch to logits, which is all zoo.inference needs; a model
         # built here is converted in place (no second copy of the weights)
@@ -170,7 +174,7 @@ class Segmenter:
             batch = (tensors[indices[0]].unsqueeze(0) if len(indices) == 1 else
                      torch.stack([tensors[i] for i in indices])).to(self.device)
             views = view_logits(self.model, batch, self.settings, tta=tta, dtype=self.dtype,
-                                window_batch=self.batch_size)  # slide mode: windows per forward pass
+                                window_batch=self.window_batch)
             maps = class_maps(views, batch.shape[-2:], self.settings.align_corners, probs=probs).cpu()
             for j, i in enumerate(indices):
                 results[i] = maps[j]

@@ -198,12 +198,11 @@ def top_confused_pairs(matrix: torch.Tensor, classes: Sequence[str], n: int = 10
     k = matrix.shape[0]
     off = matrix.clone().long()
     off.fill_diagonal_(0)
-    flat = off.flatten()
-    count = int((flat > 0).sum())
-    order = sorted(range(k * k), key=lambda i: (-int(flat[i]), i))[:min(n, count)] if count else []
-    rows = matrix.sum(dim=1)
+    flat = off.flatten().tolist()
+    order = sorted((i for i, v in enumerate(flat) if v > 0), key=lambda i: (-flat[i], i))[:n]
+    rows = matrix.sum(dim=1).tolist()
     return [{"label": classes[i // k], "prediction": classes[i % k], "pixels": int(flat[i]),
-             "percent_of_label": float(flat[i]) / float(rows[i // k]) * 100.0} for i in order]
+             "percent_of_label": flat[i] / rows[i // k] * 100.0} for i in order]
 
 
 def format_confused(pairs: Sequence[Mapping[str, Any]]) -> str:

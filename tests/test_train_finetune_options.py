@@ -321,3 +321,25 @@ def test_check_data_flags_a_class_under_0_1_percent_and_suggests_class_weights(t
     assert rare and "--class-weights auto" in rare[0] and "0.1%" in rare[0]
     common = make_synthetic_dataset(tmp_path / "e", num_train=2, num_val=1, size_hw=(48, 64))
     assert not [w for w in check_dataset(common, ["train"]).warnings if "--class-weights" in w]
+
+
+@pytest.mark.slow
+def test_two_processes_accumulating_with_frozen_bn_equal_one_process_with_the_whole_batch(tmp_path, data, child_env):
+    """torchrun, 2 ranks x batch 2 x --accum-steps 2 (no_sync on the first micro-batch) against one process
+    with batch 8: the same 8 samples, the same update to fp32 rounding."""
+    common = ["-m", "isa", "train", "--model", MODEL, "--data", str(data), "--weights", "none", "--iters", "1",
+              "--crop-size", "32", "32", "--device", "cpu", "--threads", "1", "--dropout", "0", "--seed", "0",
+              "--freeze-bn", "--no-progress", "--no-check-data"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          *common, "--batch-size", "4", "--accum-steps", "2", "--work-dir", str(tmp_path / "two")],
+                         env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout + two.stderr
+    one = subprocess.run([sys.executable, *common, "--batch-size", "8", "--work-dir", str(tmp_path / "one")],
+                         env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout + one.stderr
+    w0 = _initial_state(_cfg(data, tmp_path, seed=0)).state_dict()
+    a = load_file(str(tmp_path / "two" / "model.safetensors"))
+    b = load_file(str(tmp_path / "one" / "model.safetensors"))
+    rel = _update_rel(a, b, w0)
+    print(f"2 ranks x 2 x 2 vs 1 x 8: update rel-L2 {rel:.2e}")
+    assert rel < 1e-5

@@ -21,7 +21,8 @@ ignore_index=255)`):
   MMSeg's same module called with `avg_factor=` the sum of the class weights of the non-ignored pixels, the
   average PR #3457 makes it compute.
 - dice_*: `DiceLoss(...)` as is (sigmoid default; softmax naive with eps=1; ignore_index=0 dropping a channel).
-- focal, focal_weighted: 1.2.2's CPU path targets `one_hot[:, num_classes]` (a bug); its CUDA path calls
+- focal, focal_weighted: 1.2.2's CPU path targets `one_hot[:, num_classes]` (one column; a shape RuntimeError
+  follows); its CUDA path calls
   mmcv's CUDA `sigmoid_focal_loss` (not in mmcv-lite). The value is MMSeg's `py_sigmoid_focal_loss` given
   what the CUDA path gives its kernel: the one-hot target `one_hot(label, K+1)[:, :K]` of each pixel with
   ignored pixels set to class 0, and the valid mask; the tool cross-checks it against a transcription of

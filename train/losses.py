@@ -22,8 +22,8 @@ tests/test_train_losses.py), except where 1.2.2 is broken; there it computes wha
   the classes present in the labels; `(2 sum(p t) + eps) / (sum p + sum t + eps)`.
 - `FocalLoss(gamma=2.0, alpha=0.5, class_weight, loss_weight)`: the CUDA path of 1.2.2 (mmcv's
   `sigmoid_focal_loss` on the one-hot target of each pixel, ignored pixels masked, mean over all pixels
-  times classes). Its CPU path builds the target as `one_hot[:, num_classes]` (the ignore column) instead of
-  `[:, :num_classes]`, which trains every class as background; that is not reproduced.
+  times classes). Its CPU path takes `one_hot[:, num_classes]` (one column) instead of `[:, :num_classes]`
+  as the target and fails with a shape error (RuntimeError) on any real input; that is not reproduced.
 - `LovaszLoss(classes='present', per_image=False, class_weight, loss_weight, reduction)`: multi-class
   Lovasz-softmax. 1.2.2 asserts `reduction='none'` when `per_image=False` although the loss is then one
   number; any reduction is accepted here and means the same.

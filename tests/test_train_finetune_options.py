@@ -343,3 +343,25 @@ def test_two_processes_accumulating_with_frozen_bn_equal_one_process_with_the_wh
     rel = _update_rel(a, b, w0)
     print(f"2 ranks x 2 x 2 vs 1 x 8: update rel-L2 {rel:.2e}")
     assert rel < 1e-5
+
+
+def test_class_weights_from_a_file_or_a_list_and_bad_values_named(tmp_path):
+    from train.tuning import median_frequency_weights, resolve_class_weights
+
+    cfg = TrainConfig.for_finetune(MODEL, str(tmp_path))
+    names = ["a", "b", "c"]
+    (tmp_path / "w.txt").write_text("0.5 1\n2\n")
+    (tmp_path / "w.json").write_text("[0.5, 1, 2]")
+    assert resolve_class_weights(str(tmp_path / "w.txt"), cfg, 3, names) == [0.5, 1.0, 2.0]
+    assert resolve_class_weights(str(tmp_path / "w.json"), cfg, 3, names) == [0.5, 1.0, 2.0]
+    assert resolve_class_weights("0.5,1,2", cfg, 3, names) == [0.5, 1.0, 2.0]
+    assert resolve_class_weights([0.5, 1, 2], cfg, 3, names) == [0.5, 1.0, 2.0]
+    assert resolve_class_weights(None, cfg, 3, names) is None
+    with pytest.raises(ValueError, match="cannot read class weights"):
+        resolve_class_weights("a,b,c", cfg, 3, names)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        resolve_class_weights("1,-1,2", cfg, 3, names)
+    # by hand: shares 0.6 / 0.3 / 0.1, median 0.3; a class without pixels gets 1.0
+    assert median_frequency_weights({0: 600, 1: 300, 2: 100}, 3) == pytest.approx([0.5, 1.0, 3.0])
+    assert median_frequency_weights({0: 600, 1: 200}, 3) == pytest.approx([(0.5 * (0.25 + 0.75)) / 0.75,
+                                                                         (0.5 * (0.25 + 0.75)) / 0.25, 1.0])

@@ -328,8 +328,8 @@ def test_rows_import_like_a_hf_dataset(tmp_path):
 
 
 def test_hf_dataset_saved_to_disk(tmp_path):
-    datasets = pytest.importorskip("datasets", reason="the optional extra `hf` (datasets: ~70 MB of wheels) is not "
-                                                      "in `dev`; import_rows above covers the conversion")
+    datasets = pytest.importorskip("datasets", reason="the optional extra `hf` (datasets) is not installed: "
+                                                      "pip install -e '.[hf]' (`dev` includes it)")
     rng = np.random.default_rng(2)
     masks = [rng.integers(0, 3, (10, 14), dtype=np.uint8) for _ in range(4)]
     images = [Image.fromarray(rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)) for _ in range(4)]

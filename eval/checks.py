@@ -41,7 +41,7 @@ _SHOWN = 5  # files named per problem before "... and N more"
 
 @dataclass
 class SplitReport:
-    """What one split holds: file counts and per-value pixel counts (after label_map)."""
+    """What one split holds: file counts and pixel counts per class index (after label_map and reduce_zero_label)."""
 
     name: str
     images: int = 0
@@ -91,6 +91,14 @@ class DataReport:
 def _files(names: Sequence[str], folder: Path) -> str:
     shown = ", ".join(str(folder / n) for n in names[:_SHOWN])
     return shown + (f" ... and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+
+
+def _label(stored: int, lut: dict[int, int], meta: DatasetMeta) -> int:
+    # label_map first, then reduce_zero_label (0 and ignore -> ignore, k -> k - 1), as SegDataset.load_mask
+    value = lut.get(stored, stored)
+    if not meta.reduce_zero_label:
+        return value
+    return meta.ignore_index if value in (0, meta.ignore_index) else value - 1
 
 
 def check_dataset(root: str | Path, splits: Sequence[str] = ("train", "val"),
@@ -144,7 +152,8 @@ def check_dataset(root: str | Path, splits: Sequence[str] = ("train", "val"),
         if lonely_masks:
             report.warnings.append(f"{split}: {len(lonely_masks)} mask(s) without an image: "
                                    f"{_files(lonely_masks, mask_dir)}")
-        outside: dict[int, list[str]] = {}
+        outside: dict[int, list[str]] = {}  # stored mask value -> files
+        outside_pixels: dict[int, int] = {}
         binary: list[str] = []
         rotated: list[str] = []
         largest, crop_fits = (0, 0), False
@@ -169,26 +178,28 @@ def check_dataset(root: str | Path, splits: Sequence[str] = ("train", "val"),
             largest = (max(largest[0], upright_hw[0]), max(largest[1], upright_hw[1]))
             if crop_size is not None and upright_hw[0] >= crop_size[0] and upright_hw[1] >= crop_size[1]:
                 crop_fits = True
-            values, counts = np.unique(mask, return_counts=True)
-            if lut:
-                values = np.array([lut.get(int(v), int(v)) for v in values])
+            stored, counts = np.unique(mask, return_counts=True)
             present = set()
-            for value, count in zip(values.tolist(), counts.tolist()):
-                part.pixels[value] = part.pixels.get(value, 0) + count
-                present.add(value)
-                if value != meta.ignore_index and not 0 <= value < meta.num_classes:
+            for value, count in zip(stored.tolist(), counts.tolist()):
+                label = _label(value, lut, meta)  # what training and evaluation will see (load_mask's order)
+                part.pixels[label] = part.pixels.get(label, 0) + count
+                present.add(lut.get(value, value))
+                if label != meta.ignore_index and not 0 <= label < meta.num_classes:
                     outside.setdefault(value, []).append(masks[stem])
-            if meta.ignore_index == 255 and present == {0, 255} and 255 not in lut:
+                    outside_pixels[value] = outside_pixels.get(value, 0) + count
+            if meta.ignore_index == 255 and present == {0, 255} and 255 not in lut and not meta.reduce_zero_label:
                 binary.append(masks[stem])
         if binary and not any(part.pixels.get(c) for c in range(1, meta.num_classes)):
             report.errors.append(
                 f"{split}: {len(binary)} mask(s) hold only the values 0 and 255 ({_files(binary, mask_dir)}): 255 is "
                 "the ignore label, so everything but the background would be ignored (binary masks saved as 0/255). "
                 "Relabel 255 -> 1, or add \"label_map\": {\"255\": 1} to dataset.json")
+        reduced = " once reduce_zero_label makes stored value v class v - 1" if meta.reduce_zero_label else ""
         for value, files in sorted(outside.items()):
             report.errors.append(
-                f"{split}: value {value} ({part.pixels[value]} pixels) in {len(files)} mask(s) is not a class "
-                f"(0..{meta.num_classes - 1}) nor ignore_index {meta.ignore_index}: {_files(files, mask_dir)}; "
+                f"{split}: value {value} ({outside_pixels[value]} pixels) in {len(files)} mask(s) is not a class "
+                f"(0..{meta.num_classes - 1}) nor ignore_index {meta.ignore_index}{reduced}: "
+                f"{_files(files, mask_dir)}; "
                 "fix \"classes\" / \"ignore_index\" in dataset.json, relabel, or map it with \"label_map\"")
         if rotated:
             report.warnings.append(

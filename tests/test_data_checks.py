@@ -109,3 +109,22 @@ def test_metadata_that_contradicts_the_tensors_or_itself_is_a_named_error(tmp_pa
                                            ([None, 1.0, None], 1)])
 def test_evaluations_without_improvement(scores, since):
     assert evaluations_without_improvement([{"mIoU": s} for s in scores]) == since
+
+
+def test_reduce_zero_label_is_applied_before_values_are_checked_and_counted(tmp_path):
+    # stored 0 -> ignored, 1 -> class 0, 2 -> class 1 (as SegDataset.load_mask); stored 3 would be class 2: no class
+    root = tmp_path / "rz"
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 5, 3), dtype=np.uint8)).save(root / "images" / split / "a.png")
+        mask = np.array([[0] * 5, [1] * 5, [2] * 5, [2] * 5], dtype=np.uint8)
+        Image.fromarray(mask).save(root / "masks" / split / "a.png")
+    (root / "dataset.json").write_text(json.dumps({"classes": ["cat", "dog"], "reduce_zero_label": True}))
+    report = check_dataset(root)
+    assert report.ok, report.errors
+    assert report.splits[0].pixels == {255: 5, 0: 5, 1: 10}  # class indices, by hand
+    bad = np.array([[0] * 5, [1] * 5, [2] * 5, [3, 3, 2, 2, 2]], dtype=np.uint8)
+    Image.fromarray(bad).save(root / "masks" / "val" / "a.png")
+    text = "\n".join(check_dataset(root).errors)
+    assert "val: value 3 (2 pixels)" in text and "reduce_zero_label" in text and "a.png" in text

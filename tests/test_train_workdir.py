@@ -72,3 +72,22 @@ def test_a_used_work_dir_is_refused_kept_on_overwrite_and_resume_refuses_a_chang
     moved = [p for p in work.iterdir() if p.name.startswith("previous-")]
     assert len(moved) == 1 and _digests(moved[0]) == before  # every old output, byte for byte
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["iter_1.pt"]
+
+
+def test_overwrite_moves_only_the_runs_outputs_not_the_users_files(tmp_path):
+    # --work-dir . beside the dataset: --overwrite must not carry the data (or anything else of the user's) away
+    from train.engine import move_aside, previous_outputs
+
+    work = tmp_path
+    for name, text in (("config.json", "{}"), ("log.jsonl", ""), ("best.safetensors", "b"),
+                       ("checkpoints/iter_4.pt", "c"), ("tensorboard/events", "t"),
+                       ("my_data/images/train/a.png", "img"), ("notes.txt", "mine"), (".lock", "{}")):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text(text)
+    assert previous_outputs(work)
+    moved = move_aside(work)
+    assert sorted(p.relative_to(moved).as_posix() for p in moved.rglob("*") if p.is_file()) == [
+        "best.safetensors", "checkpoints/iter_4.pt", "config.json", "log.jsonl", "tensorboard/events"]
+    assert (work / "my_data/images/train/a.png").read_text() == "img"
+    assert (work / "notes.txt").read_text() == "mine" and (work / ".lock").is_file()
+    assert previous_outputs(work) == []

@@ -5,7 +5,7 @@ optimizer, resume), `train_step` (forward, MMSeg loss, finite check, backward, S
 `evaluate_run` (val mIoU, best weights, early stop) and `save_run` (an exactly resumable checkpoint);
 `train(cfg)` strings them together and returns the final metrics and paths.
 
-Rank 0 writes into the work dir, which it locks for the run (`train.lock`): `config.json` (the resolved
+Rank 0 writes into the work dir, which it locks for the run (`.lock`): `config.json` (the resolved
 configuration), `log.jsonl`, `checkpoints/iter_N.pt`, `best.safetensors` (best val mIoU so far),
 `model.safetensors` (the last weights) and `curves.png`; the weights files describe themselves
 (`zoo.metadata`: classes, palette, the test scale validation used). Evaluation runs on every rank (the
@@ -231,6 +231,8 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
 
 # what a run leaves in its work dir; any of them there means the folder holds a run
 RUN_OUTPUTS = ("config.json", "log.jsonl", "best.safetensors", "model.safetensors", "curves.png")
+# the folders a run writes into its work dir (--overwrite moves them aside with RUN_OUTPUTS)
+RUN_FOLDERS = ("checkpoints", "tensorboard")
 
 
 class WorkDirInUse(ValueError):
@@ -249,8 +251,11 @@ def previous_outputs(work_dir: Union[str, Path]) -> List[str]:
 
 
 def move_aside(work_dir: Union[str, Path]) -> Path:
-    """Move everything in `work_dir` (but its lock and earlier `previous-*` folders) into a new
-    `work_dir/previous-<date-time>/`; nothing is deleted. Returns that folder."""
+    """Move an earlier run's outputs in `work_dir` (RUN_OUTPUTS and its `checkpoints/` and `tensorboard/`
+    folders) into a new `work_dir/previous-<date-time>/`; nothing is deleted. Returns that folder.
+
+    Only what a run writes is moved: a work dir may also hold the user's own files (`--work-dir .` beside
+    the dataset), which stay where they are."""
     work = Path(work_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target, n = work / f"previous-{stamp}", 1
@@ -258,10 +263,10 @@ def move_aside(work_dir: Union[str, Path]) -> Path:
         n += 1
         target = work / f"previous-{stamp}-{n}"
     target.mkdir()
-    for entry in sorted(work.iterdir()):
-        if entry == target or entry.name.startswith("previous-") or entry.name.startswith(".lock"):
-            continue
-        os.replace(entry, target / entry.name)
+    for name in RUN_OUTPUTS + RUN_FOLDERS:
+        entry = work / name
+        if entry.exists() or entry.is_symlink():
+            os.replace(entry, target / name)
     return target
 
 

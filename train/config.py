@@ -9,6 +9,7 @@ optimiser and schedule. Field names are the flags' (`crop_size` is `--crop-size 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -180,6 +181,17 @@ class TrainConfig:
             raise ValueError(f"--head-lr-mult must be positive, got {self.head_lr_mult}")
         if self.freeze_backbone is not None and not -1 <= self.freeze_backbone <= 4:
             raise ValueError(f"--freeze-backbone takes 0 (stem) to 4 (stem and layers 1-4), got {self.freeze_backbone}")
+        # plain types only: the config rides in every checkpoint, which is read back with weights_only=True (a
+        # Path or an array there makes every checkpoint of the run unreadable) and compared on --resume
+        for name in ("class_weights", "weights", "backbone_weights"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+        if self.class_weights is not None and not isinstance(self.class_weights, str):
+            try:
+                self.class_weights = [float(v) for v in self.class_weights]
+            except (TypeError, ValueError):
+                raise ValueError(f"--class-weights must be auto, a file or numbers, got {self.class_weights!r}") \
+                    from None
         if self.ohem is not None:
             self.ohem = list(self.ohem) + [None, 100000][len(self.ohem):] if len(self.ohem) < 2 else list(self.ohem)
             if len(self.ohem) != 2:

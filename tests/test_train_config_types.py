@@ -1,0 +1,35 @@
+"""TrainConfig holds plain types after validate(): it rides in every checkpoint, read with weights_only=True."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train import TrainConfig
+
+
+@pytest.mark.parametrize("weights", [lambda tmp: Path(tmp) / "w.txt", lambda tmp: np.array([1.0, 2.5]),
+                                     lambda tmp: (1.0, 2.5)])
+def test_class_weights_given_as_path_or_array_keep_checkpoints_loadable(tmp_path, weights):
+    (tmp_path / "w.txt").write_text("1 2.5")
+    cfg = TrainConfig.for_finetune("isanet_r50-d8_512x512_20k_voc12aug", str(tmp_path), work_dir=str(tmp_path),
+                                   class_weights=weights(tmp_path), weights=Path(tmp_path) / "init.safetensors")
+    saved = cfg.validate().to_dict()
+    buffer = io.BytesIO()
+    torch.save({"config": saved}, buffer)  # what save_run stores
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)["config"]
+    assert loaded == saved
+    # the same settings compare equal on --resume
+    again = TrainConfig.for_finetune("isanet_r50-d8_512x512_20k_voc12aug", str(tmp_path), work_dir=str(tmp_path),
+                                     class_weights=weights(tmp_path)).validate()
+    assert again.resume_differences(loaded)[0] == []
+
+
+def test_class_weights_that_are_not_numbers_are_named():
+    cfg = TrainConfig.for_finetune("isanet_r50-d8_512x512_20k_voc12aug", "data", class_weights=[1.0, "x"])
+    with pytest.raises(ValueError, match="--class-weights"):
+        cfg.validate()

@@ -87,7 +87,8 @@ def _add_tuning_arguments(p: argparse.ArgumentParser) -> None:
                    help="linear warm-up (LinearLR) over ITERS iterations from --warmup-start-factor x lr [0: none]")
     g.add_argument("--warmup-start-factor", type=float, metavar="F", help="the warm-up's first factor [1e-6]")
     g.add_argument("--head-lr-mult", type=float, metavar="M",
-                   help="learning-rate multiplier of the decode and auxiliary heads (paramwise custom_keys), e.g. 10 [1]")
+                   help="learning-rate multiplier of the decode and auxiliary heads (paramwise custom_keys), "
+                        "e.g. 10 [1]")
     g.add_argument("--tensorboard", action="store_true", default=None,
                    help="write scalars (losses, lr, val metrics per class) to WORK_DIR/tensorboard "
                         "(pip install 'isa-triton[tensorboard]')")
@@ -150,8 +151,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="checkpoint every M iterations [recipes: theirs; else iters/10 but at least 50; the "
                             "last iteration and a stop always checkpoint]")
     sched.add_argument("--keep-checkpoints", type=_keep, metavar="N",
-                       help="keep the N newest complete checkpoints, 'all' (or 0) keeps every one [2; "
-                            "best.safetensors is kept besides]; an R-50 checkpoint is about 300 MB, R-101 about 450 MB")
+                       help="keep the N newest complete checkpoints, 'all' (or 0) keeps every one [2, on --resume the "
+                            "run's own; best.safetensors is kept besides]; an R-50 checkpoint is about 300 MB, R-101 "
+                            "about 450 MB")
     sched.add_argument("--avg-non-ignore", action="store_true", default=None,
                        help="average the loss over non-ignored pixels (mmseg>=0.23 option; 0.x used all pixels)")
     sched.add_argument("--dropout", type=float, metavar="P", help="override the heads' Dropout2d ratio (0.1)")

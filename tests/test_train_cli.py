@@ -52,7 +52,7 @@ def test_short_runs_evaluate_and_checkpoint_at_most_every_50_iterations(iters, e
 
 def test_keep_checkpoints_defaults_to_2_and_takes_all():
     finetune = ("--model", "isanet_r50-d8_512x512_20k_voc12aug", "--data", "d")
-    assert config_from_args(_args(*finetune)).keep_checkpoints == 2
+    assert config_from_args(_args(*finetune)).resolve_keep_checkpoints() == 2  # a fresh run (resumes: their own)
     assert config_from_args(_args(*finetune, "--keep-checkpoints", "all")).keep_checkpoints == 0
     assert config_from_args(_args(*finetune, "--keep-checkpoints", "5")).keep_checkpoints == 5
     with pytest.raises(SystemExit):

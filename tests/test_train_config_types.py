@@ -33,3 +33,18 @@ def test_class_weights_that_are_not_numbers_are_named():
     cfg = TrainConfig.for_finetune("isanet_r50-d8_512x512_20k_voc12aug", "data", class_weights=[1.0, "x"])
     with pytest.raises(ValueError, match="--class-weights"):
         cfg.validate()
+
+
+def test_a_resume_without_keep_checkpoints_keeps_what_its_run_kept():
+    # a run started with --keep-checkpoints all (or before 2 became the default: its config says 0) and resumed
+    # without the flag must not have its checkpoints pruned to 2; an explicit flag still decides
+    def cfg(**extra):
+        return TrainConfig.for_finetune("isanet_r50-d8_512x512_20k_voc12aug", "data", resume=True, **extra).validate()
+
+    assert cfg().resolve_keep_checkpoints({"keep_checkpoints": 0}) == 0
+    assert cfg().resolve_keep_checkpoints({"keep_checkpoints": 7}) == 7
+    assert cfg().resolve_keep_checkpoints({}) == 2 and cfg().resolve_keep_checkpoints(None) == 2
+    assert cfg(keep_checkpoints=1).resolve_keep_checkpoints({"keep_checkpoints": 0}) == 1
+    resumed = cfg()
+    resumed.resolve_keep_checkpoints({"keep_checkpoints": 0})
+    assert resumed.resume_differences({"keep_checkpoints": 0}) == ([], [])  # nothing to report

@@ -21,6 +21,10 @@ AMP_CHOICES = ("bf16", "fp16")
 # training, not evaluating. The last iteration always evaluates and checkpoints.
 INTERVAL_FLOOR = 50
 
+# checkpoints a run keeps unless told (--keep-checkpoints); a resume without the flag keeps its run's own setting,
+# so that resuming a run started with --keep-checkpoints all (or before this default) deletes none of them
+KEEP_CHECKPOINTS = 2
+
 # fields a --resume may change: they decide how long the run goes on and what it reports, not what one
 # iteration computes (a longer --iters stretches the rest of the poly schedule). Any other difference from
 # the checkpoint's config is refused, naming the field.
@@ -84,7 +88,9 @@ class TrainConfig:
     threads: Optional[int] = None
     resume: bool = False
     dropout: Optional[float] = None
-    keep_checkpoints: int = 2  # the newest N complete checkpoints stay (best.safetensors besides); 0: all
+    # the newest N complete checkpoints stay (best.safetensors besides); 0: all; None: KEEP_CHECKPOINTS, or on
+    # --resume the resumed run's own setting (resolve_keep_checkpoints)
+    keep_checkpoints: Optional[int] = None
     overwrite: bool = False  # move an earlier run's outputs to WORK_DIR/previous-<time>/ instead of refusing
     check_data: bool = True
     progress: bool = True
@@ -167,7 +173,7 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --work-dir, --overwrite moves it aside to start afresh: "
                              "choose one")
-        if self.keep_checkpoints < 0:
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 0:
             raise ValueError(f"--keep-checkpoints must be >= 0 (0 or 'all' keeps every checkpoint), got "
                              f"{self.keep_checkpoints}")
         if self.accum_steps < 1:
@@ -211,6 +217,15 @@ class TrainConfig:
     def checkpoint_every(self) -> int:
         """--checkpoint-interval, else iters/10 but at least INTERVAL_FLOOR (the last iteration saves anyway)."""
         return self.checkpoint_interval or max(self.iters // 10, INTERVAL_FLOOR)
+
+    def resolve_keep_checkpoints(self, saved: Optional[Dict[str, Any]] = None) -> int:
+        """Set and return `keep_checkpoints`: as given, else the resumed run's (`saved`: its checkpoint's config),
+        else KEEP_CHECKPOINTS."""
+        if self.keep_checkpoints is None:
+            value = (saved or {}).get("keep_checkpoints")
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            self.keep_checkpoints = value if ok else KEEP_CHECKPOINTS
+        return int(self.keep_checkpoints)
 
     def resume_differences(self, saved: Dict[str, Any]) -> Tuple[List[str], List[str]]:
         """(refused, allowed): 'field: old -> new' for each field that differs from `saved` (a checkpoint's

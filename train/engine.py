@@ -145,6 +145,7 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
 
     # a resumed run takes every weight from its checkpoint: no initial weights to read or download
     found = ckpt.load_latest_checkpoint(work, map_location="cpu") if cfg.resume else None
+    cfg.resolve_keep_checkpoints(found[0].get("config") if found is not None else None)
     if found is not None:  # refuse a changed setting before any other work
         check_resume_config(found[0].get("config", {}), cfg, ctx)
 

@@ -45,6 +45,18 @@ def test_listing_is_newest_first_by_iteration_number(tmp_path):
     assert [it for it, _ in ckpt.list_checkpoints(tmp_path)] == [10, 4]
 
 
+def test_pruning_after_a_fallback_resume_keeps_the_new_checkpoint_and_the_one_resumed_from(tmp_path):
+    # iter_6 is unreadable, so a resume falls back to iter_2 and then writes iter_4: counting iter_6 among the
+    # kept ones would delete iter_4 (keep 1) or iter_2 (keep 2) - the only good checkpoints
+    for it in (2, 4):
+        ckpt.save_checkpoint(_state(it), tmp_path, it)
+    (ckpt.checkpoint_dir(tmp_path) / "iter_6.pt").write_bytes(b"truncated")
+    ckpt.prune_checkpoints(tmp_path, keep=2, current=4)
+    assert [it for it, _ in ckpt.list_checkpoints(tmp_path)] == [6, 4, 2]
+    ckpt.prune_checkpoints(tmp_path, keep=1, current=4)
+    assert [it for it, _ in ckpt.list_checkpoints(tmp_path)] == [6, 4]
+
+
 def test_a_pickle_with_code_or_a_foreign_file_is_refused(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -126,11 +126,15 @@ def remove_stale_temporaries(work_dir: PathLike) -> List[Path]:
     return removed
 
 
-def prune_checkpoints(work_dir: PathLike, keep: int) -> None:
-    """Delete all but the `keep` newest checkpoints (keep <= 0 keeps everything, like MMSeg)."""
+def prune_checkpoints(work_dir: PathLike, keep: int, current: Optional[int] = None) -> None:
+    """Delete all but the `keep` newest checkpoints (keep <= 0 keeps everything, like MMSeg).
+
+    `current`: the iteration just saved. Checkpoints past it (left by a timeline a resume fell back from,
+    e.g. an unreadable newest one) neither count nor go: counting them would delete the checkpoint just
+    written and the one resumed from; the run replaces them as it reaches their iterations."""
     if keep <= 0:
         return
-    for _, path in list_checkpoints(work_dir)[keep:]:
+    for _, path in [c for c in list_checkpoints(work_dir) if current is None or c[0] <= current][keep:]:
         try:
             path.unlink()
         except OSError:

@@ -435,7 +435,7 @@ def save_run(run: Run, iteration: int) -> Optional[Path]:
             "log_window": {"n": int(run.window_n), "sums": {k: float(v) for k, v in run.window.items()}},
         }
         path = ckpt.save_checkpoint(state, cfg.work_dir, iteration)
-        ckpt.prune_checkpoints(cfg.work_dir, cfg.keep_checkpoints)
+        ckpt.prune_checkpoints(cfg.work_dir, cfg.keep_checkpoints, current=iteration)
     path = D.broadcast_object(str(path) if path else None, ctx)
     return Path(path) if path else None
 

@@ -446,7 +446,7 @@ def parse_dataset_json(path: str | Path) -> DatasetMeta:
 def _parse_dataset_json(path: Path) -> tuple[DatasetMeta, bool]:
     try:
         spec = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: arrays nested thousands deep
         raise DatasetError(f"cannot read {path}: {err}") from err
     if not isinstance(spec, dict):
         raise DatasetError(f"{path}: expected a JSON object with keys {FolderDataset.KEYS}")

@@ -381,3 +381,50 @@ def test_an_exif_rotated_photo_is_copied_as_is_and_read_upright_like_the_annotat
                    .replace(f'"size": [{W}, {H}]', f'"size": [{H}, {W}]'))
     with pytest.raises(ImportDataError, match=rf"r.jpg\): the image is {W}x{H} \(h x w, upright\)"):
         import_coco(ann, images, tmp_path / "out2")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["images"][0].pop("id"), "(a.png): needs an integer 'id'"),
+    (lambda d: d["images"][0].update(id=[1]), "(a.png): needs an integer 'id'"),
+    (lambda d: d["annotations"][0].update(image_id=[1]), "annotation id 1: image_id [1] is not in 'images'"),
+    (lambda d: d["annotations"][0].update(category_id=[3]), "category_id [3] is not in 'categories'"),
+    (lambda d: d["annotations"][3]["segmentation"].update(size=[None, None]), "RLE size [None, None]"),
+    (lambda d: d["annotations"][2]["segmentation"].update(counts="\x7f"), "annotation id 3 (image id 1, a.png): "
+                                                                          "compressed RLE counts"),
+    (lambda d: d["images"][1].update(id=1), "image id(s) [1] are listed more than once"),
+    # 10^10 pixels: refused from the numbers, before a 9 GiB label map is allocated for it
+    (lambda d: d["images"][0].update(height=100_000, width=100_000), "(a.png) is 100000x100000"),
+])
+def test_hostile_coco_values_are_named_errors_not_crashes(coco, tmp_path, change, message):
+    ann, images = coco
+    data = _scene()
+    change(data)
+    ann.write_text(json.dumps(data))
+    with pytest.raises(ImportDataError) as err:
+        import_coco(ann, images, tmp_path / "out")
+    assert message in str(err.value) and str(ann) in str(err.value), str(err.value)
+
+
+def test_hostile_labelme_and_rows_are_named_errors_and_nothing_is_written_outside_out(tmp_path):
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    Image.new("RGB", (W, H)).save(folder / "x.png")
+    shapes = [{"label": ["dog"], "points": [[0, 0], [9, 0], [9, 9]]}]
+    (folder / "x.json").write_text(json.dumps({"shapes": shapes, "imagePath": "x.png"}))
+    with pytest.raises(ImportDataError, match=r"x.json: shape 0 \(label \['dog'\]\): 'label' must be a string"):
+        import_labelme(folder, tmp_path / "out")
+    (folder / "x.json").write_text("[" * 100_000)  # json's recursion limit
+    with pytest.raises(ImportDataError, match=r"cannot read .*x.json"):
+        import_labelme(folder, tmp_path / "out")
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 3)).save(buffer, format="PNG")
+    row = {"image": buffer.getvalue(), "annotation": np.zeros((3, 4), np.uint8)}
+    (tmp_path / "deep").mkdir()
+    with pytest.raises(ImportDataError, match=r"split name '\.\./\.\./escaped' must be a plain folder name"):
+        import_rows({"../../escaped": [row]}, tmp_path / "deep" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "lm"]  # nothing beside OUT's parent
+    for value, message in (({"path": "/dev/zero", "bytes": None}, "/dev/zero is not a file"),  # would never end
+                           ({"path": None, "bytes": 10 ** 12}, "'bytes' holds a int"),  # bytes(10**12): 1 TB
+                           ([[[300, 0, 0]]], "not an image")):
+        with pytest.raises(ImportDataError, match=message):
+            import_rows({"train": [{"image": value, "annotation": np.zeros((1, 1), np.uint8)}]}, tmp_path / "o")

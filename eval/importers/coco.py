@@ -18,7 +18,8 @@ Rules (what the masks mean):
 A polygon with fewer than 3 points, an RLE whose size or run lengths do not match its image, an unknown
 category or image id and a missing or undecodable image file are refused, named with the file and the
 id; ``skip_invalid=True`` leaves such images out whole (each is printed) instead. RLE run lengths are
-checked before ``pycocotools`` decodes them (its decoder trusts them). Needs the optional extra ``coco`` (``pip install 'isa-triton[coco]'``).
+checked before ``pycocotools`` decodes them (its decoder trusts them), and an image's size against the
+pixel limit before any mask is made for it. Needs the optional extra ``coco`` (``pip install 'isa-triton[coco]'``).
 
 >>> report = import_coco("annotations/instances_train.json", "images", "my_data")   # doctest: +SKIP
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,11 +37,16 @@ import numpy as np
 
 from eval.checks import DataReport
 from zoo.classes import default_palette
+from zoo.images import MAX_PIXELS, ImageError, check_pixels
 
 from .layout import ImportDataError, LayoutWriter, raise_if, split_names
 
 PathLike = str | os.PathLike
 IGNORE = 255
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # ids: a list or dict would not even hash
 
 
 def _mask_utils() -> Any:
@@ -112,14 +119,17 @@ def annotation_mask(ann: dict[str, Any], height: int, width: int, where: str) ->
         rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
     elif isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")
-        if not (isinstance(size, list) and [int(v) for v in size] == [height, width]):
+        if not (isinstance(size, list) and all(_is_int(v) for v in size) and size == [height, width]):
             raise ValueError(f"{where}: RLE size {size} is not the image's [height, width] [{height}, {width}]")
         if isinstance(counts, list):
             runs = counts
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in runs):
                 raise ValueError(f"{where}: uncompressed RLE counts must be integers")
         elif isinstance(counts, (str, bytes)):
-            runs = rle_counts(counts)
+            try:
+                runs = rle_counts(counts)
+            except ValueError as err:
+                raise ValueError(f"{where}: compressed RLE counts: {err}") from err
         else:
             raise ValueError(f"{where}: RLE counts must be a list (uncompressed) or a string (compressed)")
         if any(v < 0 for v in runs) or sum(runs) != height * width:
@@ -147,7 +157,7 @@ def compose(instances: Sequence[tuple[int, int, bool, np.ndarray]], shape: tuple
 def _load(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: arrays nested thousands deep
         raise ImportDataError(f"cannot read COCO file {path}: {err}") from err
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("categories"), list):
@@ -201,12 +211,16 @@ def import_coco(annotations: PathLike | Sequence[PathLike], images: PathLike | S
     plan = []  # [split, name, image path, height, width, annotations, where, COCO file, image entry]
     for path, image_dir, data in files:
         by_image: dict[int, list[dict[str, Any]]] = {}
-        known = {im.get("id") for im in data["images"] if isinstance(im, dict)}
+        ids = [im.get("id") for im in data["images"] if isinstance(im, dict) and _is_int(im.get("id"))]
+        known = set(ids)
+        if len(known) != len(ids):
+            twice = sorted(i for i, n in Counter(ids).items() if n > 1)
+            errors.append(f"{path}: image id(s) {twice[:10]} are listed more than once in 'images'")
         for ann in data.get("annotations", []) or []:
             if not isinstance(ann, dict):
                 errors.append(f"{path}: annotation {ann!r} is not an object")
                 continue
-            if ann.get("image_id") not in known:
+            if not _is_int(ann.get("image_id")) or ann["image_id"] not in known:
                 errors.append(f"{path}: annotation id {ann.get('id')}: image_id {ann.get('image_id')} is not in "
                               "'images'")
                 continue
@@ -216,9 +230,17 @@ def import_coco(annotations: PathLike | Sequence[PathLike], images: PathLike | S
                 errors.append(f"{path}: image entry {im!r} has no 'file_name'")
                 continue
             where = f"{path}: image id {im.get('id')} ({im['file_name']})"
+            if not _is_int(im.get("id")):
+                errors.append(f"{where}: needs an integer 'id'")
+                continue
             h, w = im.get("height"), im.get("width")
-            if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+            if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
                 errors.append(f"{where}: needs positive integer 'height' and 'width'")
+                continue
+            try:  # before any (H, W) array is made for it
+                check_pixels(w, h, MAX_PIXELS, where)
+            except ImageError as err:
+                errors.append(str(err))
                 continue
             file_path = image_dir / im["file_name"]
             if not file_path.is_file() and (image_dir / Path(im["file_name"]).name).is_file():
@@ -248,7 +270,7 @@ def import_coco(annotations: PathLike | Sequence[PathLike], images: PathLike | S
                 problem = None
                 if not isinstance(ann.get("id"), int) or isinstance(ann.get("id"), bool):
                     problem = f"{a_where}: 'id' must be an integer"
-                elif ann.get("category_id") not in class_of:
+                elif not _is_int(ann.get("category_id")) or ann["category_id"] not in class_of:
                     problem = f"{a_where}: category_id {ann.get('category_id')} is not in 'categories'"
                 else:
                     try:

@@ -34,7 +34,7 @@ from PIL import Image
 
 from eval.checks import DataReport
 from zoo.classes import default_palette
-from zoo.images import ImageError, read_image, to_rgb_tensor
+from zoo.images import ImageError, read_file, read_image, to_rgb_tensor
 
 from .layout import ImportDataError, LayoutWriter, raise_if, split_names
 
@@ -50,17 +50,31 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _file_bytes(path: Any, where: str) -> bytes:
+    """The bytes of a row's ``path``: a regular file only (a device such as /dev/zero or a FIFO never ends)."""
+    file = Path(str(path))
+    if not file.is_file():
+        raise ValueError(f"{where}: {file} is not a file")
+    return read_file(file)
+
+
+def _as_bytes(value: Any, where: str) -> bytes:
+    if not isinstance(value, (bytes, bytearray, memoryview)):  # bytes(10**12) would allocate a terabyte
+        raise ValueError(f"{where}: 'bytes' holds a {type(value).__name__}, not encoded image bytes")
+    return bytes(value)
+
+
 def _image_bytes(value: Any, where: str) -> bytes:
     """Encoded image bytes: the stored file when there is one, else a lossless PNG of the pixels."""
     if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
         if value.get("bytes"):
-            return bytes(value["bytes"])
-        return Path(value["path"]).read_bytes()
+            return _as_bytes(value["bytes"], where)
+        return _file_bytes(value["path"], where)
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     try:
         pixels = to_rgb_tensor(value if not isinstance(value, list) else np.asarray(value, dtype=np.uint8))
-    except (ImageError, TypeError) as err:
+    except (ImageError, TypeError, OverflowError) as err:  # OverflowError: a list value outside 0..255
         raise ValueError(f"{where}: not an image: {err}") from err
     return _png(pixels.permute(1, 2, 0).numpy())
 
@@ -68,7 +82,7 @@ def _image_bytes(value: Any, where: str) -> bytes:
 def _mask_array(value: Any, where: str) -> np.ndarray:
     """The stored label values, read by the project's reader (zoo.images.read_image, kind "mask")."""
     if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
-        data = bytes(value["bytes"]) if value.get("bytes") else Path(value["path"]).read_bytes()
+        data = _as_bytes(value["bytes"], where) if value.get("bytes") else _file_bytes(value["path"], where)
     elif isinstance(value, (bytes, bytearray)):
         data = bytes(value)
     elif isinstance(value, Image.Image):

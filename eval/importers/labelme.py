@@ -114,7 +114,7 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: dict[str, Any], value: int, whe
 def _read(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: arrays nested thousands deep
         raise ValueError(f"cannot read {path}: {err}") from err
     if not isinstance(data, dict) or not isinstance(data.get("shapes"), list):
         raise ValueError(f"{path}: not a labelme file (no 'shapes' list)")
@@ -150,7 +150,8 @@ def import_labelme(folder: PathLike, out: PathLike, *, labels: Sequence[str] | P
     readable, seen = [], set()
     for rel in json_files:  # a first pass for the label names only: files are read again one at a time below
         try:
-            seen |= {str(sh.get("label")) for sh in _read(folder / rel)["shapes"] if isinstance(sh, dict)}
+            seen |= {sh["label"] for sh in _read(folder / rel)["shapes"]
+                     if isinstance(sh, dict) and isinstance(sh.get("label"), str)}
             readable.append(rel)
         except ValueError as err:
             errors.append(str(err))
@@ -190,6 +191,10 @@ def import_labelme(folder: PathLike, out: PathLike, *, labels: Sequence[str] | P
                     continue
                 label = shape.get("label")
                 where = f"{where} (label {label!r})"
+                if not isinstance(label, str):
+                    errors.append(f"{where}: 'label' must be a string")
+                    bad = True
+                    continue
                 if label not in value_of:
                     errors.append(f"{where}: label not in --labels {classes}")
                     bad = True

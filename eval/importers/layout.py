@@ -7,7 +7,8 @@ ignore_index): what :class:`eval.datasets.FolderDataset`, ``isa check-data`` and
 Everything is written into a staging folder beside ``OUT`` and renamed into place at the end, so an
 interrupted import leaves no half dataset; running the same import again replaces a folder that an
 earlier import wrote (it holds ``.isa-import.json``) with identical bytes, and refuses any other
-non-empty folder (a killed import may leave ``.OUT.importing-PID`` beside it: safe to delete). JPEG and PNG bytes are copied unchanged after they decode through :mod:`zoo.images` (no
+non-empty folder (a killed import may leave ``.OUT.importing-PID`` beside it: safe to delete). JPEG and
+PNG bytes are copied unchanged after they decode through :mod:`zoo.images` (no
 re-encoding; an EXIF rotation stays in the file and the readers apply it, as annotation tools show
 photos upright); other formats are written as PNGs of the upright pixels.
 """
@@ -97,8 +98,11 @@ class LayoutWriter:
         The image must decode (``zoo.images.read_image``) to the mask's size; ``where`` names the source in errors.
         """
         parts = Path(name).parts
-        if not parts or name.startswith(("/", "\\")) or ".." in parts or Path(name).is_absolute():
+        if not parts or name.startswith(("/", "\\")) or ".." in parts or Path(name).is_absolute() or "\0" in name:
             raise ImportDataError(f"{where}: image name {name!r} must be a relative path inside the images folder")
+        if not isinstance(split, str) or not split or split in (".", "..") or any(c in split for c in "/\\\0"):
+            # a split is one folder name: "../x" or "/x" would write outside OUT
+            raise ImportDataError(f"{where}: split name {split!r} must be a plain folder name (such as train or val)")
         key = (split, name)
         if key in self.names:
             raise ImportDataError(f"{where}: image name {name!r} is used twice in split {split!r} (also by "

@@ -276,3 +276,14 @@ def test_the_fuzz_script_runs_the_reader_over_a_corpus_and_reports(tmp_path, chi
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "0 crashes" in proc.stdout and "files" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("mode, value", [("F", 1.7), ("CMYK", (1, 2, 3, 0)), ("YCbCr", (1, 2, 3))])
+def test_a_float_cmyk_or_ycbcr_tiff_mask_is_refused_not_truncated_to_other_labels(tmp_path, mode, value):
+    path = tmp_path / "m.tif"
+    Image.new(mode, (3, 2), value).save(path)  # lossless, but 1.7 would become class 1 and CMYK an "RGBA" colour
+    with pytest.raises(ImageError, match=rf"m.tif is a TIFF image of mode '{mode}', not class indices"):
+        read_image(path, "mask")
+    with pytest.raises(DatasetError, match="not class indices"):
+        read_mask(path, palette=[[1, 2, 3]])
+    assert read_image(path, "image").shape == (3, 2, 3)  # as a photo it is fine

@@ -46,6 +46,8 @@ except ImportError:  # pragma: no cover - isal is a dependency
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 KINDS = ("image", "mask")
+# what a mask may be: integer indices (grey, palette, 16/32-bit) or colours a palette maps; not float, CMYK, YCbCr
+MASK_MODES = ("1", "L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N", "LA", "PA", "RGB", "RGBA")
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never zero-filled pixels
 
@@ -408,6 +410,9 @@ def read_image(path: Union[PathLike, bytes], kind: str = "image", max_pixels: Op
             f"mask {source} is a lossy {info.format} image: its compression artefacts would become class ids. "
             "Save masks losslessly as single-channel index PNGs (mode 'L' or 'P'), exported from the labels, "
             "not re-saved from the JPEG")
+    if kind == "mask" and info.mode not in MASK_MODES:  # float values would be truncated to other labels
+        raise ImageError(f"mask {source} is a {info.format} image of mode {info.mode!r}, not class indices: save masks "
+                         "as single-channel index PNGs (mode 'L' or 'P'), exported from the labels")
     if png is not None:
         check_png_stream(png, data, source)
     try:

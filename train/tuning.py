@@ -196,6 +196,7 @@ class TensorBoardLog:
         self.classes = list(classes)
 
     def record(self, record: Dict[str, Any]) -> None:
+        """Write one log.jsonl record's numbers (and per-class lists) as scalars at its iteration."""
         step = int(record.get("iter", 0))
         mode = record.get("mode", "train")
         for key, value in record.items():
@@ -210,6 +211,7 @@ class TensorBoardLog:
         self.writer.flush()
 
     def close(self) -> None:
+        """Flush and close the event file."""
         self.writer.close()
 
 

@@ -121,7 +121,8 @@ def stage_push(weights: str | Path, repo_id: str, folder: str | Path, license: s
     from zoo.hub import parse_hf_hub
     from zoo.reader import read_metadata
 
-    parse_hf_hub(repo_id)
+    if parse_hf_hub(repo_id)[1] is not None:  # ValueError for what is no repo id
+        raise ValueError(f"{repo_id!r}: the repo to push to is OWNER/REPO; give a branch with --revision")
     weights, folder = Path(weights), Path(folder)
     if not weights.is_file():
         raise FileNotFoundError(f"weights file {weights} not found")

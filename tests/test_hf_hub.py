@@ -223,3 +223,20 @@ def test_push_uploads_exactly_the_dry_run_folder(tuned, tmp_path, monkeypatch, c
         main(["push", str(tuned)])  # the repo is required
     assert main(["push", str(tuned), "not-a-repo", "--dry-run", str(tmp_path / "x")]) == 1
     assert "hf-hub:OWNER/REPO" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["hf-hub:me/repo\n", "hf-hub:me/..", "hf-hub:me/a--b", "hf-hub:me/répo",
+                                  "hf-hub:me/repo.", "hf-hub:me/" + "x" * 97, "hf-hub:me/repo@",
+                                  "hf-hub:me/repo@../../../tmp/x", "hf-hub:me/repo@v1@v2"])
+def test_hf_hub_specs_huggingface_hub_would_refuse_or_that_climb_out_of_the_cache_are_named(spec, tmp_path):
+    from isa.importing import stage_push
+    from zoo.hub import parse_hf_hub
+
+    with pytest.raises(ValueError, match="hf-hub:OWNER/REPO"):  # before huggingface_hub sees it
+        parse_hf_hub(spec)
+    with pytest.raises(ValueError, match="OWNER/REPO"):
+        stage_push(tmp_path / "w.safetensors", spec[len("hf-hub:"):], tmp_path / "up")
+    assert parse_hf_hub("hf-hub:me/isanet_cats.v2@refs/pr/1") == ("me/isanet_cats.v2", "refs/pr/1")
+    with pytest.raises(ValueError, match="give a branch with --revision"):
+        stage_push(tmp_path / "w.safetensors", "me/repo@v1", tmp_path / "up")
+    assert not (tmp_path / "up").exists()

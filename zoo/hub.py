@@ -277,7 +277,11 @@ def resolve_weights(name: str, weights: Union[None, str, PathLike], *,
 HF_HUB_PREFIX = "hf-hub:"
 HF_WEIGHTS_FILE = "model.safetensors"
 ENV_HF_MIRROR = "ISA_HF_MIRROR"
-_HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# huggingface_hub's repo id rules (ASCII; no "--" / ".." / leading or trailing "-" "."; 96 characters a part); a
+# revision is a branch, tag or commit ("refs/pr/1"): it names a file under the cache's refs/, so no ".." in it
+_HF_PART = r"(?!.*(?:--|\.\.))[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+_HF_REPO = re.compile(rf"{_HF_PART}/{_HF_PART}")
+_HF_REVISION = re.compile(r"(?!.*\.\.)[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*")
 
 
 def parse_hf_hub(spec: str) -> Tuple[str, Optional[str]]:
@@ -289,7 +293,7 @@ def parse_hf_hub(spec: str) -> Tuple[str, Optional[str]]:
     """
     body = spec[len(HF_HUB_PREFIX):] if spec.startswith(HF_HUB_PREFIX) else spec
     repo, _, revision = body.partition("@")
-    if not _HF_REPO.match(repo) or (_ and not revision):
+    if not _HF_REPO.fullmatch(repo) or (_ and not _HF_REVISION.fullmatch(revision)):
         raise ValueError(f"{spec!r} is not a Hugging Face model: write hf-hub:OWNER/REPO or hf-hub:OWNER/REPO@REVISION")
     return repo, revision or None
 

@@ -287,3 +287,18 @@ def test_a_float_cmyk_or_ycbcr_tiff_mask_is_refused_not_truncated_to_other_label
     with pytest.raises(DatasetError, match="not class indices"):
         read_mask(path, palette=[[1, 2, 3]])
     assert read_image(path, "image").shape == (3, 2, 3)  # as a photo it is fine
+
+
+def test_an_animated_lossy_webp_mask_is_refused_and_bytes_are_not_quoted_in_errors(tmp_path):
+    rng = np.random.default_rng(3)
+    frames = [Image.fromarray(rng.integers(0, 4, (16, 16), dtype=np.uint8) * 60).convert("RGB") for _ in range(2)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:], lossless=False, quality=50)
+    data = buffer.getvalue()
+    assert b"ANMF" in data and b"VP8 " in data  # the lossy frames sit inside the animation's ANMF chunks
+    (tmp_path / "anim.webp").write_bytes(data)
+    with pytest.raises(ImageError, match="anim.webp is a lossy WEBP image"):
+        read_image(tmp_path / "anim.webp", "mask")
+    with pytest.raises(ImageError) as err:
+        read_image(data, "mask")
+    assert f"({len(data)} bytes)" in str(err.value) and len(str(err.value)) < 400  # not the file's bytes

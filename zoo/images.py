@@ -47,7 +47,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 KINDS = ("image", "mask")
 # what a mask may be: integer indices (grey, palette, 16/32-bit) or colours a palette maps; not float, CMYK, YCbCr
-MASK_MODES = ("1", "L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N", "LA", "PA", "RGB", "RGBA")
+MASK_MODES = ("1", "L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N", "LA", "PA", "RGB", "RGBA", "RGBX")
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never zero-filled pixels
 
@@ -335,7 +335,14 @@ def probe(path: Union[PathLike, bytes], max_pixels: Optional[int] = MAX_PIXELS, 
     CRCs (`png_header`), the JPEG frame header, and the pixel limit. Raises `ImageError`.
     """
     data = path if isinstance(path, (bytes, bytearray)) else read_file(path, kind)
-    return _probe(bytes(data), path if source is None else source, max_pixels, kind)[0]
+    return _probe(bytes(data), _source(path, source), max_pixels, kind)[0]
+
+
+def _source(path: Any, source: Any) -> Any:
+    # what errors call the file: bytes are named by their length, never written out whole into the message
+    if source is not None:
+        return source
+    return f"({len(path)} bytes)" if isinstance(path, (bytes, bytearray)) else path
 
 
 def _probe(data: bytes, source: Any, max_pixels: Optional[int], kind: str = "image"
@@ -372,12 +379,13 @@ def _probe(data: bytes, source: Any, max_pixels: Optional[int], kind: str = "ima
         raise ImageError(f"cannot read {kind} {source} ({fmt}): {type(err).__name__}: {err}") from err
 
 
-def _webp_lossy(data: bytes) -> bool:
-    """Whether a WebP holds a lossy (VP8) bitstream: its RIFF chunks, the extended format's included."""
-    pos = 12
-    while pos + 8 <= len(data):
+def _webp_lossy(data: bytes, pos: int = 12, end: Optional[int] = None) -> bool:
+    """Whether a WebP holds a lossy (VP8) bitstream: its RIFF chunks, the extended format's included, and
+    the frames (ANMF chunks: a 16-byte frame header, then the frame's own chunks) of an animation."""
+    top, end = end is None, len(data) if end is None else min(end, len(data))
+    while pos + 8 <= end:
         fourcc, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
-        if fourcc == b"VP8 ":
+        if fourcc == b"VP8 " or (top and fourcc == b"ANMF" and _webp_lossy(data, pos + 24, pos + 8 + size)):
             return True
         pos += 8 + size + (size & 1)
     return False
@@ -403,7 +411,7 @@ def read_image(path: Union[PathLike, bytes], kind: str = "image", max_pixels: Op
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     data = bytes(path) if isinstance(path, (bytes, bytearray)) else read_file(path, kind)
-    source = path if source is None else source
+    source = _source(path, source)
     info, png = _probe(data, source, max_pixels, kind)
     if kind == "mask" and info.lossy:
         raise ImageError(

@@ -122,3 +122,36 @@ def test_warmup_factor_is_mmengines_linear_lr():
 
     want = TENSORS["linear_lr.start0.1_end5"].tolist()
     assert [warmup_factor(t, 5, 0.1) for t in range(8)] == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"type": "FocalLoss", "alpha": [0.25, 0.75]}, r"FocalLoss: alpha has 2 values .* for 3 classes"),
+    ({"type": "LovaszLoss", "classes": [0, 3]}, r"LovaszLoss: classes \[3\] are out of range for 3 classes"),
+    ({"type": "LovaszLoss", "classes": [-1, 1]}, r"LovaszLoss: classes \[-1\] are out of range"),
+])
+def test_per_class_options_that_do_not_fit_the_class_count_are_refused_before_training(spec, match):
+    with pytest.raises(ValueError, match=match):
+        build_loss([spec], num_classes=3)
+    # a module made directly says the same at its first call instead of indexing out of range / broadcasting
+    from train.losses import LOSS_TYPES
+
+    module = LOSS_TYPES[spec["type"]](**{k: v for k, v in spec.items() if k != "type"})
+    with pytest.raises(ValueError, match=match.split(" \\[")[0].split(" has")[0]):
+        module(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kind", ["ce", "focal", "lovasz"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_nan_infinite_or_negative_class_weights_are_named(kind, bad):
+    with pytest.raises(ValueError, match=rf"class weight 1 is {bad}; class weights must be finite and >= 0"):
+        build_loss(kind, num_classes=3, class_weight=[1.0, bad, 2.0])
+
+
+@pytest.mark.parametrize("text", ["[1.0, NaN, 2.0]", "1 -2 3", "[1, Infinity, 1]"])
+def test_class_weights_files_with_nan_infinite_or_negative_values_are_refused(tmp_path, text):
+    from train.tuning import resolve_class_weights
+
+    path = tmp_path / "w.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"--class-weights {path}: .*finite and >= 0"):
+        resolve_class_weights(str(path), None, 3, ["a", "b", "c"])

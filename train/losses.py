@@ -44,6 +44,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -80,9 +81,25 @@ def _check_reduction(reduction: str) -> str:
     return reduction
 
 
+def check_class_weight(class_weight: WeightList, owner: str) -> Optional[List[float]]:
+    """`class_weight` as floats; ValueError naming the class index and value when one is NaN, infinite or
+    negative (such a weight turns the loss into NaN or rewards the wrong class without any other sign)."""
+    if class_weight is None:
+        return None
+    values = [float(w) for w in class_weight]
+    for i, w in enumerate(values):
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"{owner}: class weight {i} is {w}; class weights must be finite and >= 0 - fix "
+                             "--class-weights (or the loss's class_weight), e.g. 1.0 for a class to weigh as usual")
+    return values
+
+
 class _Loss(nn.Module):
     loss_name: str
     accepts_pixel_weight = True  # whether an OHEM weight map can multiply its per-pixel terms
+
+    def check_classes(self, num_classes: int) -> None:
+        """Raise ValueError when a per-class option does not fit `num_classes` classes (none here)."""
 
     def _class_weight(self, ref: torch.Tensor) -> Optional[torch.Tensor]:
         cw = getattr(self, "class_weight", None)
@@ -98,7 +115,7 @@ class CrossEntropyLoss(_Loss):
         super().__init__()
         if use_sigmoid or use_mask:
             raise ValueError("CrossEntropyLoss: only the softmax form is supported (use_sigmoid/use_mask=False)")
-        self.class_weight = None if class_weight is None else [float(w) for w in class_weight]
+        self.class_weight = check_class_weight(class_weight, "CrossEntropyLoss")
         self.avg_non_ignore = bool(avg_non_ignore)
         self.loss_weight = float(loss_weight)
         self.reduction = _check_reduction(reduction)
@@ -208,12 +225,19 @@ class FocalLoss(_Loss):
         self.gamma = float(gamma)
         self.alpha = [float(a) for a in alpha] if isinstance(alpha, (list, tuple)) else float(alpha)
         self.reduction = _check_reduction(reduction)
-        self.class_weight = None if class_weight is None else [float(w) for w in class_weight]
+        self.class_weight = check_class_weight(class_weight, "FocalLoss")
         self.loss_weight, self.loss_name = float(loss_weight), loss_name
+
+    def check_classes(self, num_classes: int) -> None:
+        """A list `alpha` holds one value per class."""
+        if isinstance(self.alpha, list) and len(self.alpha) != num_classes:
+            raise ValueError(f"FocalLoss: alpha has {len(self.alpha)} values ({self.alpha}) for {num_classes} "
+                             f"classes; give one per class or a single number (e.g. alpha=0.5)")
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 ignore_index: int = IGNORE_INDEX, reduction: Optional[str] = None) -> torch.Tensor:
         reduction = reduction or self.reduction
+        self.check_classes(logits.shape[1])
         if weight is not None:
             raise ValueError("FocalLoss takes no pixel weight map (an OHEM sampler); MMSegmentation 1.2.2 raises "
                              "here too")
@@ -266,8 +290,16 @@ class LovaszLoss(_Loss):
         self.classes = classes if isinstance(classes, str) else [int(c) for c in classes]
         self.per_image = bool(per_image)
         self.reduction = _check_reduction(reduction)
-        self.class_weight = None if class_weight is None else [float(w) for w in class_weight]
+        self.class_weight = check_class_weight(class_weight, "LovaszLoss")
         self.loss_weight, self.loss_name = float(loss_weight), loss_name
+
+    def check_classes(self, num_classes: int) -> None:
+        """A list `classes` names class indices 0..num_classes-1."""
+        if not isinstance(self.classes, str):
+            bad = [c for c in self.classes if not 0 <= c < num_classes]
+            if bad:
+                raise ValueError(f"LovaszLoss: classes {bad} are out of range for {num_classes} classes; give "
+                                 f"indices 0..{num_classes - 1}, or classes='present' / 'all'")
 
     def _flat(self, probs: torch.Tensor, labels: torch.Tensor, cw: Optional[torch.Tensor]) -> torch.Tensor:
         k = probs.shape[1]
@@ -289,6 +321,7 @@ class LovaszLoss(_Loss):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 ignore_index: int = IGNORE_INDEX, reduction: Optional[str] = None) -> torch.Tensor:
         reduction = reduction or self.reduction
+        self.check_classes(logits.shape[1])
         cw = self._class_weight(logits)
         probs = logits.softmax(dim=1)
 
@@ -439,7 +472,9 @@ def build_loss(spec: Union[str, Sequence[Any], Mapping[str, Any]], num_classes: 
         cw = kwargs.get("class_weight")
         if cw is not None and len(cw) != num_classes:
             raise ValueError(f"{kind}: {len(cw)} class weights for {num_classes} classes; give one per class")
-        terms.append(cls(**kwargs))
+        term = cls(**kwargs)
+        term.check_classes(num_classes)  # before training, not at its first step
+        terms.append(term)
     sampler = None
     if ohem is not None:
         thresh, min_kept = (list(ohem) + [None, 100000])[:2]

@@ -365,3 +365,15 @@ def test_class_weights_from_a_file_or_a_list_and_bad_values_named(tmp_path):
     assert median_frequency_weights({0: 600, 1: 300, 2: 100}, 3) == pytest.approx([0.5, 1.0, 3.0])
     assert median_frequency_weights({0: 600, 1: 200}, 3) == pytest.approx([(0.5 * (0.25 + 0.75)) / 0.75,
                                                                          (0.5 * (0.25 + 0.75)) / 0.25, 1.0])
+
+
+def test_readme_fine_tuning_section_lines_fit_120_characters():
+    # the options list was a table whose rows ran to 255 characters; the repository's limit is 120
+    text = (REPO / "README.md").read_text()
+    start = text.index("### Imbalanced classes, other losses, frozen parts, small GPUs")
+    section = text[start:text.index("\n#", start + 4)]
+    long = [line[:60] for line in section.splitlines() if len(line) > 120]
+    assert not long, long
+    for flag in ("--class-weights", "--loss", "--ohem", "--freeze-bn", "--accum-steps", "--optimizer adamw",
+                 "--warmup", "--head-lr-mult", "--tensorboard", "mmseg_dice", "frozen_stages", "custom_keys"):
+        assert flag in section, flag

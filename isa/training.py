@@ -110,10 +110,7 @@ def _tuning_options(args: argparse.Namespace) -> Dict[str, Any]:
             raise UsageError(f"--ohem: THRESH is a probability or 'none', MIN_KEPT a count; got {' '.join(words)}") \
                 from None
         out["ohem"] = [thresh, min_kept]
-    if out.get("optimizer") == "adamw":  # AdamW's usual fine-tuning values, not SGD's
-        if args.lr is None:
-            out["lr"] = 6e-5
-        out.setdefault("weight_decay", 0.01)
+    # AdamW's lr / weight decay defaults (6e-5 / 0.01) come from TrainConfig (OPTIMIZER_DEFAULTS), as in Python
     return out
 
 

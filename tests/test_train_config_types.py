@@ -48,3 +48,25 @@ def test_a_resume_without_keep_checkpoints_keeps_what_its_run_kept():
     resumed = cfg()
     resumed.resolve_keep_checkpoints({"keep_checkpoints": 0})
     assert resumed.resume_differences({"keep_checkpoints": 0}) == ([], [])  # nothing to report
+
+
+def test_adamw_defaults_are_the_same_from_the_cli_finetune_and_trainconfig_and_sgd_keeps_the_recipe():
+    import argparse
+
+    from isa.training import add_arguments, config_from_args
+
+    model = "isanet_r50-d8_512x512_20k_voc12aug"
+    cli = config_from_args(add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--model", model, "--data", "d", "--optimizer", "adamw"])).validate()
+    python = TrainConfig.for_finetune(model, "d", optimizer="adamw").validate()
+    plain = TrainConfig(model, "d", optimizer="adamw").validate()
+    recipe = TrainConfig.from_recipe(model, "d", optimizer="adamw").validate()
+    for cfg in (cli, python, plain, recipe):  # MMSegmentation's SegFormer AdamW setting, not SGD's 0.01 / 5e-4
+        assert (cfg.lr, cfg.weight_decay) == (6e-5, 0.01), (cfg.lr, cfg.weight_decay)
+        assert cfg.to_dict()["lr"] == 6e-5 and cfg.to_dict()["weight_decay"] == 0.01  # what config.json records
+    # given values win; SGD keeps the recipe's 0.01 / 5e-4 (spec §4) everywhere
+    assert TrainConfig.for_finetune(model, "d", optimizer="adamw", lr=1e-4, weight_decay=0.05).lr == 1e-4
+    sgd_cli = config_from_args(add_arguments(argparse.ArgumentParser()).parse_args(["--model", model, "--data", "d"]))
+    for cfg in (sgd_cli, TrainConfig.for_finetune(model, "d"), TrainConfig.from_recipe(model, "d"),
+                TrainConfig(model, "d")):
+        assert (cfg.optimizer, cfg.lr, cfg.weight_decay) == ("sgd", 0.01, 5e-4)

@@ -31,6 +31,11 @@ KEEP_CHECKPOINTS = 2
 RESUME_MAY_CHANGE = ("iters", "eval_interval", "checkpoint_interval", "eval_max_images", "early_stop",
                      "log_interval", "keep_checkpoints", "workers", "threads", "progress", "check_data",
                      "tensorboard")
+# lr and weight decay where neither the caller nor a recipe gives them: the recipe's SGD values, and for AdamW
+# MMSegmentation's usual fine-tuning setting (its SegFormer configs). One table for the CLI and Python alike.
+OPTIMIZER_DEFAULTS: Dict[str, Dict[str, float]] = {"sgd": {"lr": 0.01, "weight_decay": 5e-4},
+                                                   "adamw": {"lr": 6e-5, "weight_decay": 0.01}}
+
 # not compared at all: where the run lives and how it was started (a resumed run reads no initial weights)
 RESUME_IGNORED = ("work_dir", "resume", "overwrite", "weights", "backbone_weights")
 
@@ -55,9 +60,9 @@ class TrainConfig:
     ratio_range: Tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     test_scale: Optional[Tuple[int, int]] = None  # (W, H) of evaluation; None: the recipe's, or img_scale
-    lr: float = 0.01
+    lr: Optional[float] = None  # None: OPTIMIZER_DEFAULTS[optimizer] (the recipes set their own)
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: Optional[float] = None  # None: OPTIMIZER_DEFAULTS[optimizer]
     power: float = 0.9
     min_lr: float = 1e-4
     aux_weight: float = 0.4
@@ -102,6 +107,15 @@ class TrainConfig:
             self.weights = None
         if self.backbone_weights in ("", "none"):
             self.backbone_weights = None
+        self._resolve_optimizer_defaults()
+
+    def _resolve_optimizer_defaults(self) -> None:
+        # lr / weight decay left unset take the optimizer's defaults, so that config.json records the values used
+        defaults = OPTIMIZER_DEFAULTS.get(self.optimizer, OPTIMIZER_DEFAULTS["sgd"])
+        if self.lr is None:
+            self.lr = defaults["lr"]
+        if self.weight_decay is None:
+            self.weight_decay = defaults["weight_decay"]
 
     @classmethod
     def from_recipe(cls, name: str, data_root: str, **overrides: Any) -> "TrainConfig":
@@ -121,9 +135,10 @@ class TrainConfig:
             model=name, data_root=str(data_root), dataset=vc.dataset, train_split=vc.train_split,
             val_split=vc.val_split, work_dir=f"work_dirs/{name}", iters=vc.iters, batch_size=vc.total_batch_size,
             crop_size=vc.crop_size_hw, img_scale=vc.train_img_scale_wh, ratio_range=vc.ratio_range,
-            cat_max_ratio=vc.cat_max_ratio, lr=vc.lr, momentum=vc.momentum, weight_decay=vc.weight_decay,
-            power=vc.power, min_lr=vc.min_lr, aux_weight=vc.auxiliary_head.loss_weight,
+            cat_max_ratio=vc.cat_max_ratio, momentum=vc.momentum, power=vc.power, min_lr=vc.min_lr, aux_weight=vc.auxiliary_head.loss_weight,
             eval_interval=vc.eval_interval, checkpoint_interval=vc.checkpoint_interval, recipe=name)
+        if overrides.get("optimizer", "sgd") == "sgd":  # the recipe's SGD values; another optimizer takes its own
+            values.update(lr=vc.lr, weight_decay=vc.weight_decay)
         values.update(overrides)
         return cls(**values)
 
@@ -139,9 +154,10 @@ class TrainConfig:
         vc = get_config(model)
         values: Dict[str, Any] = dict(
             model=model, data_root=str(data), dataset="folder", weights="auto", iters=2000, batch_size=8,
-            crop_size=vc.crop_size_hw, lr=vc.lr, momentum=vc.momentum, weight_decay=vc.weight_decay,
-            power=vc.power, min_lr=vc.min_lr, aux_weight=vc.auxiliary_head.loss_weight,
-            work_dir=f"work_dirs/{model}_finetune", log_interval=10)
+            crop_size=vc.crop_size_hw, momentum=vc.momentum, power=vc.power, min_lr=vc.min_lr,
+            aux_weight=vc.auxiliary_head.loss_weight, work_dir=f"work_dirs/{model}_finetune", log_interval=10)
+        if overrides.get("optimizer", "sgd") == "sgd":  # the variant's SGD values; AdamW takes OPTIMIZER_DEFAULTS
+            values.update(lr=vc.lr, weight_decay=vc.weight_decay)
         values.update(overrides)
         if overrides.get("img_scale") is None:
             h, w = values["crop_size"]
@@ -166,6 +182,7 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.amp not in (None,) + AMP_CHOICES:
             raise ValueError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+        self._resolve_optimizer_defaults()
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:

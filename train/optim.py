@@ -3,7 +3,8 @@
 - The recipe (no option given): `torch.optim.SGD(model.parameters(), lr, momentum, weight_decay)` and
   `PolyLR` - the very calls the training loop always made, so such a run is bit-identical to before.
 - `optimizer="adamw"`: `torch.optim.AdamW(betas=(0.9, 0.999), eps=1e-8)` with `lr` / `weight_decay` as
-  given (`isa train --optimizer adamw` defaults them to 6e-5 / 0.01, MMSegmentation's SegFormer setting).
+  given; left unset they are 6e-5 / 0.01, MMSegmentation's SegFormer setting (`train.config.OPTIMIZER_DEFAULTS`,
+  the same for `isa train --optimizer adamw`, `finetune(..., optimizer="adamw")` and `TrainConfig`).
 - `no_decay_norm_bias`: weight decay 0 for normalisation weights and biases and for every bias, as
   MMSegmentation's `paramwise_cfg=dict(norm_decay_mult=0., bias_decay_mult=0.)`.
 - `head_lr_mult`: the learning rate (and its poly curve) of `decode_head.*` and `auxiliary_head.*` times

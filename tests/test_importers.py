@@ -392,6 +392,8 @@ def test_an_exif_rotated_photo_is_copied_as_is_and_read_upright_like_the_annotat
     (lambda d: d["annotations"][2]["segmentation"].update(counts="\x7f"), "annotation id 3 (image id 1, a.png): "
                                                                           "compressed RLE counts"),
     (lambda d: d["images"][1].update(id=1), "image id(s) [1] are listed more than once"),
+    # pycocotools would allocate 16 bytes per upsampled outline pixel: 20000 image-long edges in a few kB of JSON
+    (lambda d: d["annotations"][0].update(segmentation=[[0, 0, 2 * W, 2 * H] * 10_000]), "outlines are"),
     # 10^10 pixels: refused from the numbers, before a 9 GiB label map is allocated for it
     (lambda d: d["images"][0].update(height=100_000, width=100_000), "(a.png) is 100000x100000"),
 ])

@@ -15,7 +15,7 @@ Rules (what the masks mean):
   gives that split, any other ``train``; ``split=`` names it; ``val_fraction`` with ``seed`` splits one
   file's images instead.
 
-A polygon with fewer than 3 points, an RLE whose size or run lengths do not match its image, an unknown
+A polygon with fewer than 3 points (or outlines longer than ``MAX_OUTLINE`` x (H + W) pixels), an RLE whose size or run lengths do not match its image, an unknown
 category or image id and a missing or undecodable image file are refused, named with the file and the
 id; ``skip_invalid=True`` leaves such images out whole (each is printed) instead. RLE run lengths are
 checked before ``pycocotools`` decodes them (its decoder trusts them), and an image's size against the
@@ -43,6 +43,7 @@ from .layout import ImportDataError, LayoutWriter, raise_if, split_names
 
 PathLike = str | os.PathLike
 IGNORE = 255
+MAX_OUTLINE = 256  # polygon outline pixels per annotation, in units of the image's height + width
 
 
 def _is_int(value: Any) -> bool:
@@ -99,11 +100,18 @@ def rle_counts(counts: str | bytes) -> list[int]:
 
 def annotation_mask(ann: dict[str, Any], height: int, width: int, where: str) -> np.ndarray:
     """The (H, W) uint8 0/1 mask of one annotation, decoded as ``COCO.annToMask`` does; ValueError if malformed."""
+    return np.ascontiguousarray(_mask_utils().decode(annotation_rle(ann, height, width, where)), dtype=np.uint8)
+
+
+def annotation_rle(ann: dict[str, Any], height: int, width: int, where: str) -> dict[str, Any]:
+    """The compressed RLE of one annotation (pycocotools' form: a few bytes where the mask would be H x W),
+    checked as :func:`annotation_mask` documents; ValueError if malformed."""
     mask_utils = _mask_utils()
     seg = ann.get("segmentation")
     if isinstance(seg, list):
         if not seg:
             raise ValueError(f"{where}: empty segmentation")
+        outline = 0.0
         for i, poly in enumerate(seg):
             if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                      and np.isfinite(v) for v in poly):
@@ -116,6 +124,11 @@ def annotation_mask(ann: dict[str, Any], height: int, width: int, where: str) ->
             if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
                 raise ValueError(f"{where}: polygon {i} has points far outside the {width}x{height} image "
                                  f"(x {min(xs):g}..{max(xs):g}, y {min(ys):g}..{max(ys):g})")
+            # ... and allocates 16 bytes per upsampled outline pixel: a few MB of JSON could ask for many GB
+            outline += sum(max(abs(xs[j] - xs[j - 1]), abs(ys[j] - ys[j - 1])) for j in range(len(xs)))
+        if outline > MAX_OUTLINE * (height + width):
+            raise ValueError(f"{where}: its polygons' outlines are {outline:.0f} pixels long, over {MAX_OUTLINE} "
+                             f"times the image's height + width ({height} + {width}); simplify the polygons")
         rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
     elif isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")
@@ -139,18 +152,25 @@ def annotation_mask(ann: dict[str, Any], height: int, width: int, where: str) ->
                else {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts})
     else:
         raise ValueError(f"{where}: no polygon or RLE 'segmentation'")
-    return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+    return rle
 
 
-def compose(instances: Sequence[tuple[int, int, bool, np.ndarray]], shape: tuple[int, int],
+def compose(instances: Sequence[tuple[int, int, bool, np.ndarray | dict[str, Any]]], shape: tuple[int, int],
             background: int) -> np.ndarray:
-    """The label map from (annotation id, class, iscrowd, 0/1 mask) by the module's overlap rule."""
+    """The label map from (annotation id, class, iscrowd, 0/1 mask or its RLE) by the module's overlap rule;
+    RLEs are decoded one at a time (an image's thousands of instances are not all held as H x W masks)."""
+    def area(m: np.ndarray | dict[str, Any]) -> int:
+        return int(m.sum()) if isinstance(m, np.ndarray) else int(_mask_utils().area(m))
+
+    def pixels(m: np.ndarray | dict[str, Any]) -> np.ndarray:
+        return (m if isinstance(m, np.ndarray) else _mask_utils().decode(m)).astype(bool)
+
     out = np.full(shape, background, dtype=np.uint8)
     for _, _, _, m in (i for i in instances if i[2]):
-        out[m.astype(bool)] = IGNORE
+        out[pixels(m)] = IGNORE
     solid = [i for i in instances if not i[2]]
-    for _, cls, _, m in sorted(solid, key=lambda i: (-int(i[3].sum()), i[0])):
-        out[m.astype(bool)] = cls
+    for _, cls, _, m in sorted(solid, key=lambda i: (-area(i[3]), i[0])):
+        out[pixels(m)] = cls
     return out
 
 
@@ -274,7 +294,7 @@ def import_coco(annotations: PathLike | Sequence[PathLike], images: PathLike | S
                     problem = f"{a_where}: category_id {ann.get('category_id')} is not in 'categories'"
                 else:
                     try:
-                        m = annotation_mask(ann, h, w, a_where)
+                        m = annotation_rle(ann, h, w, a_where)
                     except ValueError as err:
                         problem = str(err)
                 if problem:

@@ -19,7 +19,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ class ImportDataError(DatasetError):
     """A malformed input to an importer; the message names the file, the id and the fix."""
 
 
-def raise_if(errors: Sequence[str], what: str, skip_invalid: bool, warn=print) -> None:
+def raise_if(errors: Sequence[str], what: str, skip_invalid: bool, warn: Callable[[str], Any] = print) -> None:
     """Refuse the import when there are problems, unless asked to skip them (then each is printed)."""
     if not errors:
         return

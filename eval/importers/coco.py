@@ -15,11 +15,12 @@ Rules (what the masks mean):
   gives that split, any other ``train``; ``split=`` names it; ``val_fraction`` with ``seed`` splits one
   file's images instead.
 
-A polygon with fewer than 3 points (or outlines longer than ``MAX_OUTLINE`` x (H + W) pixels), an RLE whose size or run lengths do not match its image, an unknown
-category or image id and a missing or undecodable image file are refused, named with the file and the
-id; ``skip_invalid=True`` leaves such images out whole (each is printed) instead. RLE run lengths are
-checked before ``pycocotools`` decodes them (its decoder trusts them), and an image's size against the
-pixel limit before any mask is made for it. Needs the optional extra ``coco`` (``pip install 'isa-triton[coco]'``).
+A polygon with fewer than 3 points (or outlines longer than ``MAX_OUTLINE`` x (H + W) pixels), an RLE
+whose size or run lengths do not match its image, an unknown category or image id and a missing or
+undecodable image file are refused, named with the file and the id; ``skip_invalid=True`` leaves such
+images out whole (each is printed) instead. RLE run lengths are checked before ``pycocotools`` decodes
+them (its decoder trusts them), and an image's size against the pixel limit before any mask is made for
+it. Needs the optional extra ``coco`` (``pip install 'isa-triton[coco]'``).
 
 >>> report = import_coco("annotations/instances_train.json", "images", "my_data")   # doctest: +SKIP
 """

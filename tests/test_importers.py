@@ -425,6 +425,11 @@ def test_hostile_labelme_and_rows_are_named_errors_and_nothing_is_written_outsid
     with pytest.raises(ImportDataError, match=r"split name '\.\./\.\./escaped' must be a plain folder name"):
         import_rows({"../../escaped": [row]}, tmp_path / "deep" / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "lm"]  # nothing beside OUT's parent
+    Image.new("L", (4, 3)).save(tmp_path / "m.jpg")
+    with Image.open(tmp_path / "m.jpg") as jpeg:  # a datasets Image feature decodes to such an object
+        with pytest.raises(ImportDataError, match="row 0: the mask is a decoded JPEG"):
+            import_rows({"train": [{"image": row["image"], "annotation": jpeg}]}, tmp_path / "o")
+    (tmp_path / "m.jpg").unlink()
     for value, message in (({"path": "/dev/zero", "bytes": None}, "/dev/zero is not a file"),  # would never end
                            ({"path": None, "bytes": 10 ** 12}, "'bytes' holds a int"),  # bytes(10**12): 1 TB
                            ([[[300, 0, 0]]], "not an image")):

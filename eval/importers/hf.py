@@ -86,6 +86,9 @@ def _mask_array(value: Any, where: str) -> np.ndarray:
     elif isinstance(value, (bytes, bytearray)):
         data = bytes(value)
     elif isinstance(value, Image.Image):
+        if value.format in ("JPEG", "MPO"):  # re-encoding it as a PNG would hide its compression artefacts
+            raise ValueError(f"{where}: the mask is a decoded JPEG: its compression artefacts would become class "
+                             "ids; masks must be stored losslessly (PNG)")
         buffer = io.BytesIO()
         value.save(buffer, format="PNG")
         data = buffer.getvalue()

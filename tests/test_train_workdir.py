@@ -91,3 +91,30 @@ def test_overwrite_moves_only_the_runs_outputs_not_the_users_files(tmp_path):
     assert (work / "my_data/images/train/a.png").read_text() == "img"
     assert (work / "notes.txt").read_text() == "mine" and (work / ".lock").is_file()
     assert previous_outputs(work) == []
+
+
+def test_resume_without_a_readable_checkpoint_refuses_a_used_work_dir_and_starts_an_empty_one(tmp_path, caplog):
+    # a killed run's outputs with only a truncated checkpoint: "starting from scratch" here used to delete log.jsonl
+    # and then replace best.safetensors and config.json
+    from train.engine import WorkDirInUse
+
+    data = make_synthetic_dataset(tmp_path / "data", num_train=2, num_val=1, size_hw=(40, 48))
+    work = tmp_path / "run"
+    for name, text in (("config.json", "{}"), ("log.jsonl", '{"mode": "train", "iter": 4}\n'),
+                       ("best.safetensors", "best"), ("checkpoints/iter_4.pt", "truncated")):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text(text)
+    before = _digests(work)
+    with pytest.raises(WorkDirInUse) as refused:
+        train(_config(*_argv(data, work, "--resume", "--iters", "1")))
+    for word in ("no complete readable checkpoint", "log.jsonl", "best.safetensors", "config.json", "iter_4.pt",
+                 "--work-dir", "--overwrite"):
+        assert word in str(refused.value), str(refused.value)
+    assert _digests(work) == before  # nothing lost
+
+    fresh = tmp_path / "new"  # nothing to lose: --resume starts a new run, saying so in one line
+    with caplog.at_level("WARNING", logger="train.engine"):
+        result = train(_config(*_argv(data, fresh, "--resume", "--iters", "1")))
+    assert result["iterations"] == 1
+    said = [r.getMessage() for r in caplog.records if "--resume" in r.getMessage()]
+    assert len(said) == 1 and "starting a new run" in said[0], said

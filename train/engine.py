@@ -16,7 +16,8 @@ never draw from the training RNG streams, so the resumed run equals an uninterru
 A second signal aborts at once, and no half-written file is ever left.
 
 A work dir that holds another run's outputs is refused (`WorkDirInUse`: --resume, a new --work-dir or
---overwrite, which moves them to `previous-<time>/`); a resume whose settings differ from its
+--overwrite, which moves them to `previous-<time>/`), and so is a --resume that finds such outputs but no complete
+readable checkpoint (an empty work dir starts a new run); a resume whose settings differ from its
 checkpoint's is refused field by field (`TrainConfig.resume_differences`). The newest
 `keep_checkpoints` (2) complete checkpoints are kept.
 
@@ -145,6 +146,8 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
 
     # a resumed run takes every weight from its checkpoint: no initial weights to read or download
     found = ckpt.load_latest_checkpoint(work, map_location="cpu") if cfg.resume else None
+    if cfg.resume and found is None:
+        _refuse_resume_without_checkpoint(cfg, ctx)
     cfg.resolve_keep_checkpoints(found[0].get("config") if found is not None else None)
     if found is not None:  # refuse a changed setting before any other work
         check_resume_config(found[0].get("config", {}), cfg, ctx)
@@ -203,8 +206,8 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
             log.info("resumed from %s (iteration %d)", path, run_kwargs["start_iter"])
             _truncate_log(work / "log.jsonl", run_kwargs["start_iter"])
     elif ctx.is_main:
-        if cfg.resume:
-            log.warning("--resume: no checkpoint in %s; starting from scratch", ckpt.checkpoint_dir(work))
+        if cfg.resume:  # the work dir holds no run's outputs (else refused above)
+            log.warning("--resume: nothing to resume in %s (no run's outputs there); starting a new run", work)
         (work / "log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
     D.barrier(ctx)
 
@@ -285,6 +288,22 @@ def _claim_work_dir(cfg: TrainConfig, ctx: D.DistContext) -> None:
                        "--resume to continue that run; a new --work-dir for a separate run; or --overwrite to "
                        f"start afresh here (the old outputs are moved to {Path(cfg.work_dir) / 'previous-<time>'}"
                        "/, nothing is deleted)")
+    message = D.broadcast_object(message, ctx)
+    if message:
+        raise WorkDirInUse(message)
+
+
+def _refuse_resume_without_checkpoint(cfg: TrainConfig, ctx: D.DistContext) -> None:
+    """--resume found no complete readable checkpoint: an empty or new work dir starts a new run, but one that
+    holds a run's outputs is refused (a new run would replace its log.jsonl, best.safetensors, config.json)."""
+    message = None
+    if ctx.is_main:
+        found = previous_outputs(cfg.work_dir)
+        if found:
+            message = (f"--resume: {cfg.work_dir} holds an earlier run's outputs ({', '.join(found)}) but no complete "
+                       "readable checkpoint to continue from; a new run would replace them. Choose one: a new "
+                       "--work-dir for a separate run; or --overwrite instead of --resume to start afresh here (the "
+                       f"old outputs are moved to {Path(cfg.work_dir) / 'previous-<time>'}/, nothing is deleted)")
     message = D.broadcast_object(message, ctx)
     if message:
         raise WorkDirInUse(message)

@@ -377,3 +377,25 @@ def test_readme_fine_tuning_section_lines_fit_120_characters():
     for flag in ("--class-weights", "--loss", "--ohem", "--freeze-bn", "--accum-steps", "--optimizer adamw",
                  "--warmup", "--head-lr-mult", "--tensorboard", "mmseg_dice", "frozen_stages", "custom_keys"):
         assert flag in section, flag
+
+
+def test_tensorboard_after_a_resume_holds_each_iteration_once(tmp_path, data):
+    # a run killed after logging iterations 3-4 but before their checkpoint: --resume goes back to iteration 2,
+    # log.jsonl drops 3-4 and the resumed run logs them again; TensorBoard must not show them twice
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (pip install "
+                                              "'isa-triton[tensorboard]'; CI installs it)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    work = tmp_path / "run"
+    options = dict(iters=4, checkpoint_interval=2, log_interval=1, tensorboard=True, keep_checkpoints=0)
+    engine.train(_cfg(data, work, **options))
+    (work / "checkpoints" / "iter_4.pt").unlink()
+    result = engine.train(_cfg(data, work, resume=True, **options))
+    assert result["iterations"] == 4
+    acc = EventAccumulator(str(work / "tensorboard"))
+    acc.Reload()
+    logged = [r for r in map(json.loads, Path(result["log"]).read_text().splitlines()) if r.get("mode") == "train"]
+    assert [r["iter"] for r in logged] == [1, 2, 3, 4]
+    points = acc.Scalars("train/loss")
+    assert [e.step for e in points] == [1, 2, 3, 4]
+    assert [e.value for e in points] == pytest.approx([r["loss"] for r in logged], rel=1e-6)

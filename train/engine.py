@@ -229,7 +229,9 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
     if ctx.is_main:
         _write_config(run, per_gpu_batch)
         if cfg.tensorboard:
-            run.tb = tuning.TensorBoardLog(work, list(train_set.classes))
+            # log.jsonl keeps the records up to the checkpoint's iteration: the event files keep the same
+            run.tb = tuning.TensorBoardLog(work, list(train_set.classes),
+                                           purge_step=run.start_iter + 1 if run.resumed_from else None)
     return run
 
 

@@ -186,13 +186,17 @@ def check_tensorboard() -> None:
 
 class TensorBoardLog:
     """Scalars to WORK_DIR/tensorboard: every train record's losses and lr, every evaluation's metrics and
-    per-class IoU / Acc (tags `val/IoU/<class>`), each at its iteration."""
+    per-class IoU / Acc (tags `val/IoU/<class>`), each at its iteration.
 
-    def __init__(self, work_dir: Path, classes: Sequence[str]):
+    `purge_step`: on --resume, the first iteration the resumed run writes (the checkpoint's + 1). The killed
+    run's points from there on, which log.jsonl drops too, are dropped by TensorBoard's readers (a SessionLog
+    START at that step), so no curve shows them twice."""
+
+    def __init__(self, work_dir: Path, classes: Sequence[str], purge_step: Optional[int] = None):
         check_tensorboard()
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(Path(work_dir) / "tensorboard"))
+        self.writer = SummaryWriter(log_dir=str(Path(work_dir) / "tensorboard"), purge_step=purge_step)
         self.classes = list(classes)
 
     def record(self, record: Dict[str, Any]) -> None:

@@ -399,3 +399,32 @@ def test_tensorboard_after_a_resume_holds_each_iteration_once(tmp_path, data):
     points = acc.Scalars("train/loss")
     assert [e.step for e in points] == [1, 2, 3, 4]
     assert [e.value for e in points] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
+
+
+def test_resume_with_class_weights_auto_keeps_the_runs_weights_when_the_data_changed(tmp_path, data, caplog):
+    # exact resume: the loss keeps the weights the run trained with; a recount of changed masks is only reported
+    import logging
+
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    work = tmp_path / "run"
+    first = engine.train(_cfg(root, work, iters=1, class_weights="auto"))
+    trained_with = json.loads(Path(first["config"]).read_text())["class_weight_values"]
+    mask_path = sorted((root / "masks" / "train").iterdir())[0]
+    mask = Image.open(mask_path)
+    zeros = Image.fromarray(np.zeros_like(np.array(mask)), mask.mode)
+    if mask.mode == "P":
+        zeros.putpalette(mask.getpalette())
+    zeros.save(mask_path)  # more background: `auto` would now give other weights
+    from train.tuning import resolve_class_weights
+
+    recount = resolve_class_weights("auto", _cfg(root, work), 3, ["background", "square", "disc"])
+    assert recount != pytest.approx(trained_with, rel=1e-6)
+    caplog.set_level(logging.WARNING)
+    second = engine.train(_cfg(root, work, iters=2, class_weights="auto", resume=True))
+    assert second["iterations"] == 2
+    assert json.loads(Path(second["config"]).read_text())["class_weight_values"] == trained_with
+    with safe_open(second["weights"], "pt") as f:
+        assert json.loads(f.metadata()["class_weights"]) == trained_with
+    said = [r.getMessage() for r in caplog.records if "class-weights auto now gives" in r.getMessage()]
+    assert len(said) == 1 and "resuming with the run's weights" in said[0], caplog.text

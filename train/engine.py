@@ -161,6 +161,8 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
                          f"({cfg.data_root}); drop --num-classes or fix dataset.json")
     # refused (a count that is not the class count, a bad file) before anything trains
     class_weights = tuning.resolve_class_weights(cfg.class_weights, cfg, num_classes, list(train_set.classes))
+    if found is not None and class_weights:
+        class_weights = _resumed_class_weights(found[0], work, class_weights, cfg, ctx)
     if class_weights and ctx.is_main:
         log.info("class weights (--class-weights %s):\n%s", cfg.class_weights,
                  tuning.format_class_weights(class_weights, list(train_set.classes)))
@@ -293,6 +295,35 @@ def _claim_work_dir(cfg: TrainConfig, ctx: D.DistContext) -> None:
     message = D.broadcast_object(message, ctx)
     if message:
         raise WorkDirInUse(message)
+
+
+def _resumed_class_weights(state: Dict[str, Any], work: Path, computed: List[float], cfg: TrainConfig,
+                           ctx: D.DistContext) -> List[float]:
+    """An exact resume keeps the class weights its run trained with (the checkpoint's, else config.json's for
+    checkpoints written before they were stored): `--class-weights auto` (or a FILE) is not re-read from data
+    that may have changed since. Weights the data (or file) now gives differently are named in one line."""
+    stored = state.get("class_weight_values")
+    if stored is None:
+        try:
+            stored = json.loads((work / "config.json").read_text()).get("class_weight_values")
+        except (OSError, ValueError, AttributeError):
+            stored = None
+    if stored is None:
+        return computed
+    where = f"--resume: the class weights stored in {work}"
+    if not isinstance(stored, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                               for w in stored):
+        raise ValueError(f"{where} are not a list of numbers ({stored!r}); pass --class-weights w1,w2,... "
+                         "with the run's values")
+    values = tuning._parse_weights(json.dumps([float(w) for w in stored]), where)
+    if len(values) != len(computed):
+        raise ValueError(f"{where} are {len(values)} for {len(computed)} classes; the run cannot continue on "
+                         "this dataset: use a new --work-dir")
+    if values != list(computed) and ctx.is_main:
+        log.warning("--class-weights %s now gives %s, but the run trained with %s: resuming with the run's weights "
+                    "(start a new run, e.g. --overwrite, to use the new ones)", cfg.class_weights,
+                    [round(w, 4) for w in computed], [round(w, 4) for w in values])
+    return values
 
 
 def _refuse_resume_without_checkpoint(cfg: TrainConfig, ctx: D.DistContext) -> None:
@@ -454,6 +485,8 @@ def save_run(run: Run, iteration: int) -> Optional[Path]:
                      "world_size": ctx.world_size, "per_gpu_batch": run.sampler.batch_size},
             "config": config, "history": run.history, "pending_eval": bool(run.pending_eval),
             "log_window": {"n": int(run.window_n), "sums": {k: float(v) for k, v in run.window.items()}},
+            # the values the loss used (--class-weights auto counts the data): a resume uses these, not a recount
+            "class_weight_values": [float(w) for w in run.class_weights] if run.class_weights else None,
         }
         path = ckpt.save_checkpoint(state, cfg.work_dir, iteration)
         ckpt.prune_checkpoints(cfg.work_dir, cfg.keep_checkpoints, current=iteration)

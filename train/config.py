@@ -135,7 +135,8 @@ class TrainConfig:
             model=name, data_root=str(data_root), dataset=vc.dataset, train_split=vc.train_split,
             val_split=vc.val_split, work_dir=f"work_dirs/{name}", iters=vc.iters, batch_size=vc.total_batch_size,
             crop_size=vc.crop_size_hw, img_scale=vc.train_img_scale_wh, ratio_range=vc.ratio_range,
-            cat_max_ratio=vc.cat_max_ratio, momentum=vc.momentum, power=vc.power, min_lr=vc.min_lr, aux_weight=vc.auxiliary_head.loss_weight,
+            cat_max_ratio=vc.cat_max_ratio, momentum=vc.momentum, power=vc.power, min_lr=vc.min_lr,
+            aux_weight=vc.auxiliary_head.loss_weight,
             eval_interval=vc.eval_interval, checkpoint_interval=vc.checkpoint_interval, recipe=name)
         if overrides.get("optimizer", "sgd") == "sgd":  # the recipe's SGD values; another optimizer takes its own
             values.update(lr=vc.lr, weight_decay=vc.weight_decay)

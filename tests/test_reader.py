@@ -302,3 +302,28 @@ def test_an_animated_lossy_webp_mask_is_refused_and_bytes_are_not_quoted_in_erro
     with pytest.raises(ImageError) as err:
         read_image(data, "mask")
     assert f"({len(data)} bytes)" in str(err.value) and len(str(err.value)) < 400  # not the file's bytes
+
+
+def test_orientation_comes_from_the_exif_block_only_as_opencv_reads_it(tmp_path):
+    # MMSegmentation 1.2.2's LoadImageFromFile (cv2.imdecode, IMREAD_COLOR; measured in /work/mmseg_env) and
+    # labelme turn a photo by its EXIF orientation, not by an XMP tiff:Orientation, which Pillow's
+    # getexif / exif_transpose also obey; a TIFF Pillow turns upright itself as it loads it
+    stored = np.random.default_rng(5).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    Image.fromarray(stored).save(tmp_path / "xmp.jpg", quality=95, xmp=xmp)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "exif.jpg", quality=95, exif=exif)
+    Image.fromarray(stored).save(tmp_path / "exif.tif", exif=exif)
+    xmp_pixels = np.asarray(Image.open(tmp_path / "xmp.jpg").convert("RGB"))  # the stored pixels, decoded
+    assert probe(tmp_path / "xmp.jpg").orientation == 1
+    np.testing.assert_array_equal(read_image(tmp_path / "xmp.jpg").permute(1, 2, 0).numpy(), xmp_pixels)
+    fast = open_image(tmp_path / "xmp.jpg")
+    np.testing.assert_array_equal(fast.permute(1, 2, 0).numpy(), xmp_pixels)
+    exif_pixels = np.rot90(np.asarray(Image.open(tmp_path / "exif.jpg").convert("RGB")), k=-1)  # 6: 90° clockwise
+    np.testing.assert_array_equal(read_image(tmp_path / "exif.jpg").permute(1, 2, 0).numpy(), exif_pixels)
+    np.testing.assert_array_equal(open_image(tmp_path / "exif.jpg").permute(1, 2, 0).numpy(), exif_pixels)
+    tif = read_image(tmp_path / "exif.tif")  # lossless: exactly the stored pixels turned 90° clockwise
+    np.testing.assert_array_equal(tif.permute(1, 2, 0).numpy(), np.rot90(stored, k=-1))
+    assert probe(tmp_path / "exif.tif").upright_hw == (12, 8) == tuple(tif.shape[-2:])

@@ -163,17 +163,16 @@ def _decode_jpeg(data: bytes, source: Any, max_pixels: Optional[int]) -> Optiona
 
 
 def exif_orientation(data: bytes, scan_at: Optional[int] = None) -> int:
-    """The EXIF orientation Pillow finds in a JPEG's header (what `ImageOps.exif_transpose` applies);
-    `scan_at`: where the first scan starts (`zoo.images.jpeg_header`), the end of the header segments."""
+    """The EXIF orientation of a JPEG as the reader reads it (`zoo.images.exif_orientation_of`: the EXIF
+    block, not XMP); `scan_at`: where the first scan starts (`zoo.images.jpeg_header`), the end of the headers."""
     head = data[:scan_at] if scan_at else data
-    if b"Exif" not in head and b"rientation" not in head:
-        return 1  # no EXIF block and no XMP orientation in the headers: nothing to parse
+    if b"Exif" not in head:
+        return 1  # no EXIF block in the headers: nothing to parse
     try:
         with Image.open(io.BytesIO(data), formats=["JPEG"]) as pil:
-            value = pil.getexif().get(0x0112, 1)
-    except Exception:  # noqa: BLE001 - the reader's exif_transpose sees the same unreadable EXIF: as stored
+            return images.exif_orientation_of(pil)
+    except Exception:  # noqa: BLE001 - the reader sees the same unreadable file: as stored
         return 1
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 @functools.lru_cache(maxsize=1)

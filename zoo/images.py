@@ -9,7 +9,8 @@ same pixels or decline to it):
 - **One pixel limit** (`MAX_PIXELS`, Pillow's decompression-bomb limit, 89.5 megapixels; `max_pixels=`,
   `--max-pixels`; 0: none) for images and masks, checked from the header before anything is decoded.
 - **Orientation as MMSegmentation loads data**: images upright (EXIF orientation applied, as OpenCV's
-  `IMREAD_COLOR` does in `LoadImageFromFile`), masks as stored (`LoadAnnotations` does not rotate).
+  `IMREAD_COLOR` does in `LoadImageFromFile`: from the EXIF block, not from XMP), masks as stored
+  (`LoadAnnotations` does not rotate).
 - **Strict PNG**: exactly one IHDR first, every chunk's CRC, IDATs consecutive, PLTE where a palette
   image needs it (and nowhere else), no unknown critical chunk, IEND present, and the zlib stream
   complete and as long as the image: a truncated file is refused, never zero-filled.
@@ -36,7 +37,7 @@ from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile
 
 try:  # ISA-L: the same CRC and inflate as zlib's, about 3x faster
     from isal import isal_zlib as _zlib
@@ -76,7 +77,7 @@ class PngHeader:
     interlace: int
     palette_entries: int
     idat: Tuple[Tuple[int, int], ...]  # (start, end) of each IDAT payload in the file's bytes
-    orientation_chunks: bool = False  # eXIf or an XMP / raw EXIF text chunk: Pillow may find an orientation
+    orientation_chunks: bool = False  # an eXIf chunk: the file may carry an EXIF orientation
 
     @property
     def channels(self) -> int:
@@ -211,8 +212,7 @@ def png_header(data: bytes, source: Any = "(bytes)", max_pixels: Optional[int] =
         elif kind == b"IEND":
             ended = True
             break
-        elif kind == b"eXIf" or (kind in (b"iTXt", b"tEXt", b"zTXt")
-                                 and data[pos + 8:pos + 8 + 17] in (b"XML:com.adobe.xmp", b"Raw profile type ")):
+        elif kind == b"eXIf":  # OpenCV's orientation source; XMP and "Raw profile" text chunks are not
             meta = True
         elif kind[0] < 97 and kind != b"IHDR":  # upper case first letter: critical, and unknown
             raise bad(f"unknown critical chunk {kind.decode()} at byte {pos}")
@@ -310,10 +310,21 @@ def _pil_open(data: bytes, fmt: str) -> Image.Image:
     return Image.open(io.BytesIO(data), formats=[fmt])
 
 
-def _exif_orientation(pil: Image.Image) -> int:
+def exif_orientation_of(pil: Image.Image) -> int:
+    """The EXIF orientation (1-8; 1: none, or unreadable) of an opened image from its EXIF block only (JPEG
+    APP1, PNG eXIf, WebP EXIF, TIFF IFD0), as OpenCV's ``IMREAD_COLOR`` (MMSegmentation's LoadImageFromFile)
+    and labelme apply it; Pillow's ``getexif`` / ``exif_transpose`` also obey an XMP ``tiff:Orientation``
+    and a PNG "Raw profile type exif" text chunk, which they do not."""
     try:
-        value = pil.getexif().get(0x0112, 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block is Pillow's no-orientation case too
+        if pil.format == "PNG" and "exif" not in pil.info:
+            pil.load()  # an eXIf chunk after the pixel data is read only then
+        if pil.info.get("exif"):
+            exif = Image.Exif()
+            exif.load(pil.info["exif"])
+            value = exif.get(0x0112, 1)
+        else:
+            value = pil.tag_v2.get(0x0112, 1) if hasattr(pil, "tag_v2") else 1  # TIFF: IFD0 is the EXIF
+    except Exception:  # noqa: BLE001 - a broken EXIF block: as stored
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
@@ -359,9 +370,9 @@ def _probe(data: bytes, source: Any, max_pixels: Optional[int], kind: str = "ima
             if png.depth == 16 and png.colour == 0:
                 mode = "I;16"
             orientation = 1
-            if png.orientation_chunks:  # rare: Pillow reads them (and may decode the file to find them)
+            if png.orientation_chunks:  # rare: Pillow reads it (and may decode the file to find it)
                 with _pixel_limit(max_pixels), _pil_open(data, fmt) as pil:
-                    orientation = _exif_orientation(pil)
+                    orientation = exif_orientation_of(pil)
             return ImageInfo(fmt, png.width, png.height, orientation, mode, False), png
         if fmt == "JPEG":
             frame = jpeg_header(data, source, max_pixels)
@@ -372,7 +383,9 @@ def _probe(data: bytes, source: Any, max_pixels: Optional[int], kind: str = "ima
                 raise ImageError(f"corrupt JPEG {source}: its headers disagree on the size")
             lossy = fmt == "JPEG" or (fmt == "WEBP" and _webp_lossy(data)) or (
                 fmt == "TIFF" and pil.info.get("compression") in ("jpeg", "tiff_jpeg"))
-            return ImageInfo(fmt, width, height, _exif_orientation(pil), pil.mode, lossy), None
+            # Pillow opens a TIFF at its upright size and turns the pixels upright as it loads them: as stored, here
+            orientation = 1 if fmt == "TIFF" else exif_orientation_of(pil)
+            return ImageInfo(fmt, width, height, orientation, pil.mode, lossy), None
     except ImageError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure of a decoder on untrusted bytes is this file's fault
@@ -428,15 +441,14 @@ def read_image(path: Union[PathLike, bytes], kind: str = "image", max_pixels: Op
             if kind == "mask":
                 pil.load()
                 return np.asarray(pil)
-            if info.orientation != 1:
-                pil = ImageOps.exif_transpose(pil)
             array = _rgb_array(pil)
     except ImageError:
         raise
     except Exception as err:  # noqa: BLE001 - see _probe
         raise ImageError(f"cannot read {kind} {source}: {type(err).__name__}: {err}") from err
-    # (3, H, W) as a view of the (H, W, 3) pixels: no second copy of a large photo
-    return torch.from_numpy(array).permute(2, 0, 1)
+    # (3, H, W) as a view of the (H, W, 3) pixels: no second copy of a large photo unless it is turned upright
+    # (by the orientation `probe` read, never Pillow's exif_transpose, which also obeys XMP)
+    return orient(torch.from_numpy(array).permute(2, 0, 1), info.orientation)
 
 
 def _rgb_array(pil: Image.Image) -> np.ndarray:
@@ -456,7 +468,7 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     """An image (..., H, W) as stored, turned upright for its EXIF `orientation` (1-8): the same pixels as
     `PIL.ImageOps.exif_transpose` (flips and transposes only, exact)."""
     if orientation not in _TRANSPOSE:
-        return image
+        return image  # 1 (or unknown): as stored, not copied
     dims, transpose = _TRANSPOSE[orientation]
     if transpose:
         image = image.transpose(-2, -1)

@@ -131,11 +131,18 @@ def stage_push(weights: str | Path, repo_id: str, folder: str | Path, license: s
                          "`isa convert` write); convert a .pth first with `isa convert SRC DST --model NAME`")
     if folder.exists() and any(folder.iterdir()):
         raise UsageError(f"--dry-run {folder} is not empty; choose a new folder")
-    folder.mkdir(parents=True, exist_ok=True)
     config = None
     config_path = weights.parent / "config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text())
+    if config_path.is_file():  # read before anything is written: a bad one leaves no folder behind
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError, RecursionError) as exc:
+            raise ValueError(f"{config_path} (uploaded with the weights) is not readable JSON: {exc}; fix or move "
+                             "it") from exc
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} (uploaded with the weights) is not a JSON object; fix or move it")
+    folder.mkdir(parents=True, exist_ok=True)
+    if config is not None:
         shutil.copyfile(config_path, folder / "config.json")
     shutil.copyfile(weights, folder / WEIGHTS_FILE)
     (folder / "README.md").write_text(model_card(weights, repo_id, license, config))

@@ -240,3 +240,14 @@ def test_hf_hub_specs_huggingface_hub_would_refuse_or_that_climb_out_of_the_cach
     with pytest.raises(ValueError, match="give a branch with --revision"):
         stage_push(tmp_path / "w.safetensors", "me/repo@v1", tmp_path / "up")
     assert not (tmp_path / "up").exists()
+
+
+@pytest.mark.parametrize("config", ["{not json", "[1, 2]"])
+def test_push_names_a_bad_config_json_beside_the_weights_and_writes_nothing(tuned, tmp_path, config, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copyfile(tuned, run / "best.safetensors")
+    (run / "config.json").write_text(config)
+    assert main(["push", str(run / "best.safetensors"), REPO, "--dry-run", str(tmp_path / "up")]) == 1
+    assert str(run / "config.json") in capsys.readouterr().err
+    assert not (tmp_path / "up").exists()

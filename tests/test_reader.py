@@ -327,3 +327,12 @@ def test_orientation_comes_from_the_exif_block_only_as_opencv_reads_it(tmp_path)
     tif = read_image(tmp_path / "exif.tif")  # lossless: exactly the stored pixels turned 90° clockwise
     np.testing.assert_array_equal(tif.permute(1, 2, 0).numpy(), np.rot90(stored, k=-1))
     assert probe(tmp_path / "exif.tif").upright_hw == (12, 8) == tuple(tif.shape[-2:])
+
+
+def test_a_16_bit_pil_image_gives_the_pixels_of_its_file(tmp_path):
+    grey = np.array([[0, 256, 4096, 65535], [255, 511, 32768, 1000]], dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    high = np.repeat((grey >> 8).astype(np.uint8)[None], 3, axis=0)  # OpenCV's IMREAD_COLOR: the high byte
+    assert torch.equal(read_image(tmp_path / "g16.png"), torch.from_numpy(high))
+    with Image.open(tmp_path / "g16.png") as pil:
+        assert torch.equal(to_rgb_tensor(pil), torch.from_numpy(high))  # not convert("RGB")'s clipping at 255

@@ -482,7 +482,8 @@ def to_rgb_tensor(image: Any, max_pixels: Optional[int] = MAX_PIXELS) -> torch.T
         return read_image(image, "image", max_pixels=max_pixels)
     if isinstance(image, Image.Image):
         check_pixels(image.width, image.height, max_pixels, "(PIL image)")
-        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+        # as read_image converts a file's pixels (16-bit grey: the high byte, where convert("RGB") clips at 255)
+        return torch.from_numpy(np.ascontiguousarray(_rgb_array(image))).permute(2, 0, 1).contiguous()
     if isinstance(image, np.ndarray):
         if not image.flags.writeable or any(stride < 0 for stride in image.strides):
             image = image.copy()  # read-only (np.asarray of a PIL image) or flipped views: torch takes neither

@@ -336,3 +336,15 @@ def test_a_16_bit_pil_image_gives_the_pixels_of_its_file(tmp_path):
     assert torch.equal(read_image(tmp_path / "g16.png"), torch.from_numpy(high))
     with Image.open(tmp_path / "g16.png") as pil:
         assert torch.equal(to_rgb_tensor(pil), torch.from_numpy(high))  # not convert("RGB")'s clipping at 255
+
+
+def test_overlapping_reads_restore_pillows_own_pixel_limit():
+    from zoo import images
+
+    before = Image.MAX_IMAGE_PIXELS
+    first, second = images._pixel_limit(0), images._pixel_limit(100)  # two threads' reads, interleaved
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    assert Image.MAX_IMAGE_PIXELS == before  # the second restored what it saw: the first's lifted None

@@ -31,6 +31,7 @@ import contextlib
 import io
 import os
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Tuple, Union
@@ -122,15 +123,29 @@ class ImageInfo:
 
 # ---------------------------------------------------------------------------------------------- limits
 
+_LIMIT_LOCK = threading.Lock()
+_limit_users = 0
+_limit_saved: Optional[int] = None
+
+
 @contextlib.contextmanager
 def _pixel_limit(max_pixels: Optional[int]) -> Iterator[None]:
-    # Pillow's guard is a module global; ours is checked first from the header, so Pillow's is lifted
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None if not max_pixels else max(max_pixels, old or 0)
+    # Pillow's guard is a module global; ours is checked first (from the header, or from the size Pillow opened
+    # before it decodes), so Pillow's is lifted while any read is under way and restored by the last to end:
+    # reads in several threads, each saving and restoring the global, could leave it lifted for good
+    global _limit_users, _limit_saved
+    with _LIMIT_LOCK:
+        if _limit_users == 0:
+            _limit_saved = Image.MAX_IMAGE_PIXELS
+        _limit_users += 1
+        Image.MAX_IMAGE_PIXELS = None
     try:
         yield
     finally:
-        Image.MAX_IMAGE_PIXELS = old
+        with _LIMIT_LOCK:
+            _limit_users -= 1
+            if _limit_users == 0:
+                Image.MAX_IMAGE_PIXELS = _limit_saved
 
 
 def check_pixels(width: int, height: int, max_pixels: Optional[int], source: Any) -> None:

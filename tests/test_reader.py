@@ -348,3 +348,13 @@ def test_overlapping_reads_restore_pillows_own_pixel_limit():
     first.__exit__(None, None, None)
     second.__exit__(None, None, None)
     assert Image.MAX_IMAGE_PIXELS == before  # the second restored what it saw: the first's lifted None
+
+
+def test_a_jpeg_of_millions_of_empty_segments_is_refused_after_a_bounded_walk():
+    from zoo.images import jpeg_header
+
+    data = b"\xff\xd8" + b"\xff\xe0\x00\x02" * 70_000 + b"\xff\xd9"  # 280 kB that Python would walk 4 bytes a step
+    with pytest.raises(ImageError, match="over 65536 marker segments before the first scan"):
+        jpeg_header(data, "x.jpg")
+    with pytest.raises(ImageError, match="x.jpg"):
+        read_image(data, source="x.jpg")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import struct
 import threading
 import zlib
@@ -279,6 +280,10 @@ class JpegHeader:
     scan_at: int = 0  # where the first scan (SOS) starts: the APP segments (EXIF, XMP) are before it
 
 
+_FILL = re.compile(rb"\xff+")
+_MAX_JPEG_SEGMENTS = 1 << 16  # a camera's JPEG has tens; a hostile one, millions of 4-byte segments to walk
+
+
 def jpeg_header(data: bytes, source: Any = "(bytes)", max_pixels: Optional[int] = MAX_PIXELS) -> JpegHeader:
     """Walk a JPEG's markers up to the first scan, check its single frame header against the pixel limit
     (before any decoder allocates for it) and return it; raise `ImageError`."""
@@ -288,9 +293,10 @@ def jpeg_header(data: bytes, source: Any = "(bytes)", max_pixels: Optional[int] 
     if data[:2] != b"\xff\xd8":
         raise bad("no JPEG start marker")
     pos, frame = 2, None
-    while True:
-        while pos < len(data) and data[pos] == 0xFF and pos + 1 < len(data) and data[pos + 1] == 0xFF:
-            pos += 1  # fill bytes
+    for _ in range(_MAX_JPEG_SEGMENTS):
+        fill = _FILL.match(data, pos)  # fill bytes: a run of 0xFF, the last one starts the marker
+        if fill:
+            pos = fill.end() - 1
         if pos + 4 > len(data):
             raise bad("the headers end before the first scan (truncated)")
         if data[pos] != 0xFF:
@@ -319,6 +325,7 @@ def jpeg_header(data: bytes, source: Any = "(bytes)", max_pixels: Optional[int] 
                 raise bad("a scan before any frame header")
             return JpegHeader(frame.width, frame.height, frame.components, frame.precision, frame.marker, pos)
         pos += 2 + length
+    raise bad(f"over {_MAX_JPEG_SEGMENTS} marker segments before the first scan")
 
 
 def _pil_open(data: bytes, fmt: str) -> Image.Image:

@@ -358,3 +358,17 @@ def test_a_jpeg_of_millions_of_empty_segments_is_refused_after_a_bounded_walk():
         jpeg_header(data, "x.jpg")
     with pytest.raises(ImageError, match="x.jpg"):
         read_image(data, source="x.jpg")
+
+
+def test_a_png_of_a_million_empty_text_chunks_is_refused_after_a_bounded_walk():
+    import zlib
+
+    from corpus import chunk
+
+    clean = io.BytesIO()
+    Image.new("L", (4, 4)).save(clean, format="PNG")
+    data = clean.getvalue()
+    hostile = data[:33] + chunk(b"tEXt", b"") * 5_000 + data[33:]  # 60 kB; a million: 12 MB, 10 s to read
+    assert zlib.crc32(b"tEXt") == int.from_bytes(hostile[41:45], "big")  # each chunk is valid on its own
+    with pytest.raises(ImageError, match="m.png: over 4096 chunks besides the pixel data"):
+        read_image(hostile, "mask", source="m.png")

@@ -62,6 +62,7 @@ _PNG_COLOUR = {0: ((1, 2, 4, 8, 16), 1, "L"), 2: ((8, 16), 3, "RGB"), 3: ((1, 2,
                4: ((8, 16), 2, "LA"), 6: ((8, 16), 4, "RGBA")}
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 _MAX_CHUNK = (1 << 31) - 1
+_MAX_PNG_CHUNKS = 1 << 12  # non-IDAT chunks; an editor's PNG has tens (text, colour profile, time, ...)
 
 
 class ImageError(ValueError):
@@ -202,7 +203,7 @@ def png_header(data: bytes, source: Any = "(bytes)", max_pixels: Optional[int] =
     check_pixels(width, height, max_pixels, source)
     pos, crc32, view = 8, _zlib.crc32, memoryview(data)  # CRCs over views: no copy of the pixel data
     idat: List[Tuple[int, int]] = []
-    palette, after_idat, ended, meta = -1, False, False, False
+    palette, after_idat, ended, meta, others = -1, False, False, False, 0
     while pos + 12 <= len(data):
         length = int.from_bytes(data[pos:pos + 4], "big")
         kind = data[pos + 4:pos + 8]
@@ -213,6 +214,10 @@ def png_header(data: bytes, source: Any = "(bytes)", max_pixels: Optional[int] =
             raise bad(f"invalid chunk name {kind!r} at byte {pos}")
         if crc32(view[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
             raise bad(f"chunk {kind.decode()} at byte {pos} fails its CRC")
+        if kind != b"IDAT":
+            others += 1
+            if others > _MAX_PNG_CHUNKS:  # each costs a Python step here and in Pillow: seconds per MB of them
+                raise bad(f"over {_MAX_PNG_CHUNKS} chunks besides the pixel data")
         if kind == b"IHDR" and pos != 8:
             raise bad(f"a second IHDR chunk at byte {pos}")
         elif kind == b"PLTE":

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Sequence, Tuple, Union
+from typing import Callable, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -50,6 +50,16 @@ def _sample(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray, np.nd
 def make_synthetic_dataset(root: Union[str, os.PathLike], num_train: int = 16, num_val: int = 4,
                            size_hw: Sequence[int] = (96, 128), seed: int = 0) -> Path:
     """Write ROOT/images/{train,val}/img_NNN.png, ROOT/masks/{train,val}/img_NNN.png and dataset.json."""
+    return _write_dataset(root, _sample, num_train, num_val, size_hw, seed,
+                          [list(c) for c in PALETTE])
+
+
+Draw = Callable[[np.random.Generator, int, int], Tuple[np.ndarray, np.ndarray]]
+
+
+def _write_dataset(root: Union[str, os.PathLike], draw: Draw, num_train: int, num_val: int,
+                   size_hw: Sequence[int], seed: int, palette: list) -> Path:
+    """The folder layout of `draw`'s (image, mask) samples, train then val from one seeded generator."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     h, w = int(size_hw[0]), int(size_hw[1])
@@ -57,10 +67,10 @@ def make_synthetic_dataset(root: Union[str, os.PathLike], num_train: int = 16, n
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "masks" / split).mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            image, mask = _sample(rng, h, w)
+            image, mask = draw(rng, h, w)
             Image.fromarray(image).save(root / "images" / split / f"img_{i:03d}.png")
             Image.fromarray(mask, mode="L").save(root / "masks" / split / f"img_{i:03d}.png")
-    spec = {"classes": list(CLASSES), "palette": [list(c) for c in PALETTE], "ignore_index": 255}
+    spec = {"classes": list(CLASSES), "palette": palette, "ignore_index": 255}
     (root / "dataset.json").write_text(json.dumps(spec, indent=1))
     return root
 
@@ -94,20 +104,8 @@ def make_imbalanced_dataset(root: Union[str, os.PathLike], num_train: int = 24, 
     """Like `make_synthetic_dataset`, but class 2 (disc) is one small disc per image, about `rare_share` of
     the pixels (0.5 %), in a colour near the squares': the class-imbalance case of the README's fine-tuning
     example (`isa train --class-weights auto`)."""
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    h, w = int(size_hw[0]), int(size_hw[1])
-    for split, count in (("train", num_train), ("val", num_val)):
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "masks" / split).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            image, mask = _imbalanced_sample(rng, h, w, rare_share)
-            Image.fromarray(image).save(root / "images" / split / f"img_{i:03d}.png")
-            Image.fromarray(mask, mode="L").save(root / "masks" / split / f"img_{i:03d}.png")
-    palette = [list(PALETTE[0]), list(PALETTE[1]), list(RARE_COLOUR)]
-    spec = {"classes": list(CLASSES), "palette": palette, "ignore_index": 255}
-    (root / "dataset.json").write_text(json.dumps(spec, indent=1))
-    return root
+    return _write_dataset(root, lambda rng, h, w: _imbalanced_sample(rng, h, w, rare_share), num_train, num_val,
+                          size_hw, seed, [list(PALETTE[0]), list(PALETTE[1]), list(RARE_COLOUR)])
 
 
 
